@@ -1,0 +1,3 @@
+from wftool.cli import main
+
+main()

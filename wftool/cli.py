@@ -1,0 +1,221 @@
+"""The `wft` command: one verb per stage, each taking a recipe plus dotted overrides.
+
+Heavy libraries (torch, transformers) are imported inside the commands so `wft --help`
+stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from wftool.errors import WftError
+
+app = typer.Typer(
+    name="wft",
+    help="Turn full-precision LLMs into 1.58-bit (ternary) models with BitDistill, and ship them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+recipe_app = typer.Typer(help="Inspect, check and list recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+console = Console()
+error_console = Console(stderr=True)
+
+RecipeArg = Annotated[
+    str, typer.Argument(help="Recipe YAML file, or a bundled recipe name (`wft recipe list`).")
+]
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        help="Dotted overrides, e.g. `training.max_steps=100 data.seq_len=256` (keys resolve "
+        "inside this stage's section first, then at the top level)."
+    ),
+]
+
+
+def user_errors(command):
+    """Print WftError as one clear message and exit 2; tracebacks are for bugs only."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except WftError as err:
+            error_console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
+            if err.hint:
+                error_console.print(f"[yellow]hint:[/] {escape(err.hint)}", highlight=False)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            error_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _load(recipe: str, overrides: list[str] | None, stage: str | None):
+    from wftool.recipe.load import load_recipe
+
+    return load_recipe(recipe, overrides or [], stage=stage)
+
+
+@app.command()
+@user_errors
+def convert(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Output directory (default: runs/<name>/convert/final).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+):
+    """Insert SubLN and BitLinear into a Hugging Face causal LM and save the student."""
+    config = _load(recipe, overrides, "convert")
+    from wftool.commands.convert import print_convert_summary, run_convert
+
+    with console.status(f"converting {config.model.name_or_path or config.name} ..."):
+        result = run_convert(config, output=output, force=force)
+    print_convert_summary(result, config, console)
+
+
+def _not_yet(stage: str, what: str):
+    @user_errors
+    def command(recipe: RecipeArg, overrides: OverridesArg = None):
+        _load(recipe, overrides, stage if stage in _STAGE_SECTIONS else None)
+        raise WftError(
+            f"`wft {command.cli_name}` is not available yet in wft {_version()}: {what} "
+            "is still being built",
+            "`wft convert` and `wft recipe` work today",
+        )
+
+    return command
+
+
+_STAGE_SECTIONS = ("layerwise", "pretrain", "unified", "distill", "export", "serve", "launch")
+
+for _name, _stage, _help in (
+    ("layerwise", "layerwise", "Stage 1.9: layer-wise hidden-state distillation from the teacher."),
+    ("pretrain", "pretrain", "Stage 2: continued pre-training with ternary weights (STE)."),
+    ("unified", "unified", "LM loss + masked diffusion-LM loss in one pass, curriculum, MuonClip."),
+    ("distill", "distill", "Stage 3: logits KL + attention relation distillation from a teacher."),
+    ("export-gguf", "export", "Write a GGUF file (TQ1_0, TQ2_0, I2_S, F16, BF16)."),
+    ("serve", "serve", "OpenAI-compatible HTTP server for a GGUF file or wft checkpoint."),
+    ("launch", "launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal."),
+    ("pipeline", "pipeline", "Run the stages a recipe lists, in order, and compare to the teacher."),
+    ("eval", "eval", "Perplexity and task accuracy of a checkpoint or GGUF file."),
+):
+    _command = _not_yet(_stage, _help.split(":")[0].rstrip("."))
+    _command.cli_name = _name
+    _command.__doc__ = _help
+    app.command(name=_name)(_command)
+
+
+@app.command()
+@user_errors
+def doctor():
+    """Versions, CPU/GPU, and which optional backends are installed."""
+    from wftool.commands.doctor import print_doctor
+
+    print_doctor(console)
+
+
+@recipe_app.command("show")
+@user_errors
+def recipe_show(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    stage: Annotated[
+        Optional[str], typer.Option(help="Resolve overrides relative to this stage's section.")
+    ] = None,
+):
+    """Print the resolved recipe (every default filled in, overrides applied) as YAML."""
+    import yaml
+
+    config = _load(recipe, overrides, _check_stage(stage))
+    text = yaml.safe_dump(
+        config.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True
+    )
+    console.print(text, highlight=False, markup=False, end="")
+
+
+@recipe_app.command("validate")
+@user_errors
+def recipe_validate(
+    recipes: Annotated[list[str], typer.Argument(help="Recipe files or bundled names.")],
+):
+    """Check recipe files; exit 2 if any is invalid."""
+    failed = 0
+    for name in recipes:
+        try:
+            _load(name, [], None)
+            console.print(f"[green]ok[/]      {name}")
+        except WftError as err:
+            failed += 1
+            error_console.print(f"[red]invalid[/] {escape(str(err))}", highlight=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@recipe_app.command("schema")
+def recipe_schema():
+    """Print the recipe JSON schema (for editors and CI checks)."""
+    import json
+
+    from wftool.recipe.schema import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
+
+
+@recipe_app.command("list")
+def recipe_list():
+    """List the bundled recipes with their one-line description."""
+    from rich.table import Table
+
+    from wftool.recipe.load import bundled_recipes
+
+    table = Table(title="bundled recipes (use the name or a path)", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("what it does")
+    for name, path in bundled_recipes().items():
+        table.add_row(name, _first_comment(path))
+    console.print(table)
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            text = line.lstrip("# ").strip()
+            return text.split(":", 1)[1].strip() if ":" in text else text
+    return ""
+
+
+def _check_stage(stage: str | None) -> str | None:
+    from wftool.recipe.schema import STAGES
+
+    if stage is not None and stage not in STAGES:
+        raise WftError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}")
+    return stage
+
+
+def _version() -> str:
+    from wftool import __version__
+
+    return __version__
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="wft")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""`wft convert`: full-precision causal LM -> BitLinear + SubLN student directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from wftool.errors import WftError
+from wftool.model.checkpoint import TernaryMetadata, save_ternary_model
+from wftool.model.families import bitnet_gguf_blockers
+from wftool.model.loading import load_source_model
+from wftool.model.surgery import ConversionReport, convert_to_bitnet
+from wftool.recipe.schema import Recipe
+
+# Storage per weight: latent fp32 for training vs the packed TQ2_0 export.
+_TQ2_0_BITS = 2.0625
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    report: ConversionReport
+    family: str
+    gguf_blockers: list[str]
+
+
+def default_convert_output(recipe: Recipe) -> Path:
+    return Path(recipe.convert.output or f"{recipe.stage_dir('convert')}/final")
+
+
+def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False) -> ConvertResult:
+    """Load the recipe's model, convert it and save the student directory."""
+    output = Path(output) if output else default_convert_output(recipe)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise WftError(
+            f"output {output} already exists", "pass --force to replace it, or --output DIR"
+        )
+    model, tokenizer, family = load_source_model(recipe.model)
+    stage = recipe.convert
+    report = convert_to_bitnet(model, family, stage.sub_norm, stage.sub_norm_eps)
+    sub_norm_eps = stage.sub_norm_eps
+    if sub_norm_eps is None and report.sub_norms:
+        sub_norm_eps = _first_sub_norm_eps(model)
+    meta = TernaryMetadata(family.name, stage.sub_norm, sub_norm_eps)
+    save_ternary_model(model, tokenizer, output, meta)
+    blockers = bitnet_gguf_blockers(family, model.config, stage.sub_norm)
+    return ConvertResult(output, report, family.name, blockers)
+
+
+def _first_sub_norm_eps(model) -> float:
+    from wftool.quant.bitlinear import RMSNorm
+
+    return next(m.eps for m in model.modules() if isinstance(m, RMSNorm))
+
+
+def print_convert_summary(result: ConvertResult, recipe: Recipe, console: Console) -> None:
+    report = result.report
+    table = Table(title=f"wft convert: {recipe.name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("family", result.family)
+    table.add_row(
+        "BitLinear",
+        f"{len(report.quantized)} projections, {report.quantized_params:,} of "
+        f"{report.total_params:,} parameters ternary "
+        f"({100 * report.quantized_params / max(report.total_params, 1):.1f} %)",
+    )
+    table.add_row("SubLN", f"{recipe.convert.sub_norm}: {len(report.sub_norms)} RMSNorms inserted")
+    if report.sub_norms:
+        table.add_row("", "e.g. " + ", ".join(report.sub_norms[:2]))
+    table.add_row("full precision", ", ".join(report.kept_full_precision) or "-")
+    ternary_mb = report.quantized_params * _TQ2_0_BITS / 8 / 1e6
+    table.add_row(
+        "ternary size",
+        f"{report.quantized_params * 4 / 1e6:.1f} MB as fp32 -> {ternary_mb:.1f} MB as TQ2_0",
+    )
+    gguf = "llama.cpp bitnet: ok" if not result.gguf_blockers else (
+        "llama.cpp bitnet: no (" + "; ".join(result.gguf_blockers) + ")"
+    )
+    table.add_row("export", gguf)
+    table.add_row("saved to", str(result.output))
+    console.print(table)

@@ -1,0 +1,71 @@
+"""`wft doctor`: what this installation can do (versions, devices, optional backends)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+# (import name, distribution name, what it enables)
+OPTIONAL_BACKENDS = (
+    ("wandb", "wandb", "W&B logging (extra: wandb)"),
+    ("sky", "skypilot", "cloud launch on SkyPilot (extra: cloud)"),
+    ("modal", "modal", "cloud launch on Modal (extra: cloud)"),
+    ("llama_cpp", "llama-cpp-python", "GGUF validation and serving (extra: llamacpp / serve)"),
+)
+CORE = ("wftool", "torch", "transformers", "tokenizers", "datasets", "safetensors", "gguf",
+        "pydantic", "typer", "rich")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def bitnet_checkout() -> Path | None:
+    """extern/BitNet when the optional submodule is checked out next to the package."""
+    root = Path(__file__).resolve().parents[2] / "extern" / "BitNet"
+    return root if (root / "setup_env.py").exists() else None
+
+
+def doctor_rows() -> list[tuple[str, str, str]]:
+    import torch
+
+    rows = [("python", platform.python_version(), platform.platform())]
+    for dist in CORE:
+        rows.append((dist, _version(dist) or "missing", "required"))
+    threads = f"{os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads"
+    rows.append(("cpu", platform.machine(), threads))
+    if torch.cuda.is_available():
+        names = ", ".join(
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        )
+        rows.append(("gpu", f"CUDA {torch.version.cuda}", names))
+    else:
+        rows.append(("gpu", "none", "training runs on CPU in fp32"))
+    for module, dist, purpose in OPTIONAL_BACKENDS:
+        found = importlib.util.find_spec(module) is not None
+        rows.append((dist, (_version(dist) or "installed") if found else "not installed", purpose))
+    bitnet = bitnet_checkout()
+    rows.append((
+        "extern/BitNet",
+        "checked out" if bitnet else "not checked out",
+        "I2_S runtime; get it with `git submodule update --init --recursive extern/BitNet`",
+    ))
+    return rows
+
+
+def print_doctor(console: Console) -> None:
+    table = Table(title="wft doctor", title_justify="left")
+    for column in ("component", "status", "notes"):
+        table.add_column(column)
+    for row in doctor_rows():
+        table.add_row(*row)
+    console.print(table)

@@ -1,0 +1,161 @@
+"""Ternary model directories: Hugging Face layout plus a `wft` section in config.json.
+
+`save_ternary_model` writes weights (safetensors), config and tokenizer to a temporary
+directory and renames it into place, so a crash never leaves a half-written model.
+`load_ternary_model` rebuilds the family's module tree, re-applies the recorded surgery
+and loads every tensor, giving logits identical to the saved model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from wftool.errors import WftError
+from wftool.model.families import family_by_name
+from wftool.model.surgery import convert_to_bitnet, set_quant_mix
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "wft"
+
+
+@dataclass
+class TernaryMetadata:
+    """What a directory needs to be rebuilt exactly; stored as config.json["wft"]."""
+
+    family: str
+    sub_norm: str
+    sub_norm_eps: float | None
+    quant_mix: float = 1.0  # quantization warm-up state: 1 = fully ternary
+    stage: str = "convert"
+    format_version: int = FORMAT_VERSION
+    weights: str = "ternary_absmean"
+    activations: str = "int8_absmax_per_token"
+
+
+def is_ternary_checkpoint(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    try:
+        return CONFIG_KEY in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Move a finished temporary directory to ``final``, replacing any old one."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_ternary_model(model, tokenizer, output: str | Path, meta: TernaryMetadata) -> Path:
+    """Write model + tokenizer atomically to ``output`` (replacing it if present)."""
+    final = Path(output)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        setattr(model.config, CONFIG_KEY, asdict(meta))
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_directory(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WftError(f"cannot write model to {final}: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_metadata(path: str | Path) -> TernaryMetadata:
+    config_path = Path(path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise WftError(f"{path} is not a model directory (no config.json)") from None
+    except ValueError as err:
+        raise WftError(f"{config_path} is corrupt: {err}") from None
+    if CONFIG_KEY not in config:
+        raise WftError(
+            f"{path} is not a wft ternary model (config.json has no '{CONFIG_KEY}' section)",
+            "run `wft convert` on it first",
+        )
+    section = config[CONFIG_KEY]
+    try:
+        meta = TernaryMetadata(**section)
+    except TypeError as err:
+        raise WftError(f"{config_path}: bad '{CONFIG_KEY}' section: {err}") from None
+    if meta.format_version > FORMAT_VERSION:
+        raise WftError(
+            f"{path} was written by a newer wft (format {meta.format_version}); upgrade wftool"
+        )
+    return meta
+
+
+def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device = "cpu"):
+    """(model, tokenizer, metadata) from a directory written by save_ternary_model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    meta = read_metadata(path)
+    family = family_by_name(meta.family)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the sub-norm tensors are loaded below, not by HF
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    except (OSError, ValueError, RuntimeError) as err:
+        raise WftError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    report = convert_to_bitnet(model, family, meta.sub_norm, meta.sub_norm_eps)
+    _load_tensors(model, path, [f"{name}.weight" for name in report.sub_norms])
+    set_quant_mix(model, meta.quant_mix)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model.to(device).eval(), tokenizer, meta
+
+
+def _load_tensors(model, path: Path, names: list[str]) -> None:
+    """Load ``names`` from the directory's safetensors file(s) into ``model``."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        weight_map = {name: "model.safetensors" for name in names}
+    params = dict(model.named_parameters())
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        if name not in weight_map:
+            raise WftError(f"{path} is missing tensor '{name}' (corrupt or partial checkpoint)")
+        by_file.setdefault(weight_map[name], []).append(name)
+    for filename, file_names in by_file.items():
+        try:
+            with safe_open(path / filename, framework="pt") as tensors:
+                available = set(tensors.keys())
+                for name in file_names:
+                    if name not in available:
+                        raise WftError(f"{path / filename} is missing tensor '{name}'")
+                    value = tensors.get_tensor(name)
+                    target = params[name]
+                    if value.shape != target.shape:
+                        raise WftError(
+                            f"{path}: tensor '{name}' has shape {tuple(value.shape)}, "
+                            f"expected {tuple(target.shape)}"
+                        )
+                    with torch.no_grad():
+                        target.copy_(value)
+        except (OSError, RuntimeError) as err:
+            raise WftError(f"cannot read {path / filename}: {err}") from None

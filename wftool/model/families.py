@@ -1,0 +1,121 @@
+"""What wft knows about each supported model family, one table entry per family.
+
+Module names, where SubLN goes, and whether a converted model of that family can be written
+to llama.cpp's `bitnet` GGUF architecture all live here, so the rest of the code never
+branches on a family name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wftool.errors import WftError
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+GGUF_BLOCK = 256  # TQ1_0 / TQ2_0 row lengths must be multiples of this
+
+
+@dataclass(frozen=True)
+class SubNormSlot:
+    """An RMSNorm at ``parent.name`` that normalises the input of ``parent.projection``."""
+
+    parent: str
+    name: str
+    projection: str
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # Hugging Face `config.model_type` values
+    examples: str
+    layers: str = "model.layers"
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    attention_projections: tuple[str, ...] = ATTENTION_PROJECTIONS
+    mlp_projections: tuple[str, ...] = MLP_PROJECTIONS
+    # The paper's placement: before the attention output and the FFN down projection,
+    # at the names llama.cpp's `bitnet` architecture reads.
+    sub_norms: tuple[SubNormSlot, ...] = (
+        SubNormSlot("self_attn", "attn_sub_norm", "o_proj"),
+        SubNormSlot("mlp", "ffn_sub_norm", "down_proj"),
+    )
+    # Why no upstream llama.cpp architecture with sub-norms can hold this family, if so.
+    bitnet_gguf_blocker: str | None = None
+
+    def projections(self) -> tuple[tuple[str, str], ...]:
+        """(block attribute, projection name) for every projection BitLinear replaces."""
+        return tuple((self.attention, p) for p in self.attention_projections) + tuple(
+            (self.mlp, p) for p in self.mlp_projections
+        )
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llama", ("llama",), "SmolLM2, Llama 3"),
+        Family("mistral", ("mistral",), "Mistral 7B"),
+        Family(
+            "qwen2",
+            ("qwen2",),
+            "Qwen2, Qwen2.5",
+            bitnet_gguf_blocker="Q/K/V projections have biases, which the bitnet graph lacks",
+        ),
+        Family(
+            "qwen3",
+            ("qwen3",),
+            "Qwen3",
+            bitnet_gguf_blocker=(
+                "QK-norm (q_norm/k_norm) has no slot in the bitnet graph; "
+                "serve Qwen3 students with `wft serve --backend torch`"
+            ),
+        ),
+    )
+}
+
+
+def supported_families_text() -> str:
+    return ", ".join(f"{f.name} ({f.examples})" for f in FAMILIES.values())
+
+
+def family_for_model_type(model_type: str) -> Family:
+    """The family whose table covers a Hugging Face `model_type`, or a clear error."""
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise WftError(
+        f"model family '{model_type}' is not supported; supported: {supported_families_text()}"
+    )
+
+
+def family_by_name(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise WftError(
+            f"unknown family '{name}'; supported: {supported_families_text()}"
+        ) from None
+
+
+def bitnet_gguf_blockers(family: Family, config, sub_norm: str) -> list[str]:
+    """Reasons a converted model cannot be written exactly to llama.cpp's `bitnet` arch."""
+    reasons = []
+    if family.bitnet_gguf_blocker:
+        reasons.append(family.bitnet_gguf_blocker)
+    if sub_norm != "paper":
+        reasons.append(f"sub_norm placement '{sub_norm}' (bitnet needs 'paper')")
+    if not getattr(config, "tie_word_embeddings", False):
+        reasons.append("lm_head is not tied to the embeddings (bitnet has no output tensor)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        reasons.append(f"activation '{config.hidden_act}' (bitnet hard-codes SiLU)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        reasons.append("n_heads * head_dim != hidden_size")
+    for name, width in (
+        ("hidden_size", config.hidden_size),
+        ("intermediate_size", config.intermediate_size),
+    ):
+        if width % GGUF_BLOCK:
+            reasons.append(f"{name} {width} is not a multiple of {GGUF_BLOCK} (TQ1_0/TQ2_0 rows)")
+    return reasons

@@ -1,0 +1,92 @@
+"""Model surgery: BitLinear in place of every attention and MLP projection, plus SubLN.
+
+Embeddings, lm_head and the model's own norms stay full precision. The result is the same
+Hugging Face module tree with different leaves, so the family's own forward still runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from wftool.model.families import Family
+from wftool.quant.bitlinear import BitLinear, RMSNorm
+
+SubNormPlacement = Literal["paper", "all", "none"]
+SUB_NORM_PLACEMENTS = ("paper", "all", "none")
+# The official BitDistill configs use this eps for the per-projection norms of "all".
+ALL_PLACEMENT_EPS = 1e-8
+
+
+@dataclass
+class ConversionReport:
+    """What convert changed, for the summary a user sees and for tests."""
+
+    quantized: list[str] = field(default_factory=list)
+    sub_norms: list[str] = field(default_factory=list)
+    kept_full_precision: list[str] = field(default_factory=list)
+    quantized_params: int = 0
+    total_params: int = 0
+
+
+def decoder_layers(model: nn.Module, family: Family) -> nn.ModuleList:
+    return model.get_submodule(family.layers)
+
+
+def convert_to_bitnet(
+    model: nn.Module,
+    family: Family,
+    sub_norm: SubNormPlacement = "paper",
+    sub_norm_eps: float | None = None,
+) -> ConversionReport:
+    """Replace projections by BitLinear and insert SubLN, in place. Returns what changed."""
+    if sub_norm not in SUB_NORM_PLACEMENTS:
+        raise ValueError(f"sub_norm must be one of {SUB_NORM_PLACEMENTS}, got {sub_norm!r}")
+    if any(isinstance(m, BitLinear) for m in model.modules()):
+        raise ValueError("model already contains BitLinear layers (converted twice?)")
+    config = model.config
+    if sub_norm_eps is None:
+        sub_norm_eps = ALL_PLACEMENT_EPS if sub_norm == "all" else config.rms_norm_eps
+    report = ConversionReport()
+    layers_path = family.layers
+    for index, layer in enumerate(decoder_layers(model, family)):
+        prefix = f"{layers_path}.{index}"
+        for block_name, proj_name in family.projections():
+            block = layer.get_submodule(block_name)
+            linear = getattr(block, proj_name)
+            norm_eps = sub_norm_eps if sub_norm == "all" else None
+            setattr(block, proj_name, BitLinear.from_linear(linear, input_norm_eps=norm_eps))
+            report.quantized.append(f"{prefix}.{block_name}.{proj_name}")
+            report.quantized_params += linear.weight.numel()
+            if norm_eps:
+                report.sub_norms.append(f"{prefix}.{block_name}.{proj_name}.input_norm")
+        if sub_norm == "paper":
+            for slot in family.sub_norms:
+                block = layer.get_submodule(slot.parent)
+                projection: BitLinear = getattr(block, slot.projection)
+                weight = projection.weight
+                norm = RMSNorm(projection.in_features, sub_norm_eps).to(
+                    device=weight.device, dtype=weight.dtype
+                )
+                block.add_module(slot.name, norm)
+                projection.use_sub_norm(norm)
+                report.sub_norms.append(f"{prefix}.{slot.parent}.{slot.name}")
+    quantized = set(report.quantized)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and name not in quantized:
+            report.kept_full_precision.append(name)
+    report.total_params = sum(p.numel() for p in model.parameters())
+    return report
+
+
+def set_quant_mix(model: nn.Module, mix: float) -> None:
+    """Set the quantization warm-up blend on every BitLinear (1 = fully ternary)."""
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.set_quant_mix(mix)
+
+
+def bitlinear_layers(model: nn.Module) -> dict[str, BitLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}

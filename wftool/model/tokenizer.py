@@ -1,0 +1,64 @@
+"""Tokenizers: a model's own from the hub, or a byte-level BPE trained on synthetic text.
+
+The synthetic one is the GPT-2 style byte-level BPE that llama.cpp's `gpt2` tokenizer model
+reads, so a tiny model built from a config can go all the way to a GGUF file.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerFast
+
+from wftool.data.synthetic import SyntheticLanguage
+
+SYNTHETIC = "synthetic"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+# A minimal ChatML template so chat endpoints work on models trained here.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, "<|im_start|>", "<|im_end|>")
+
+
+def train_synthetic_tokenizer(
+    vocab_size: int, language: SyntheticLanguage | None = None, n_documents: int = 2000
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of exactly ``vocab_size`` tokens trained on the synthetic language."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    language = language or SyntheticLanguage()
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(language.documents(n_documents, seed=12345), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=1 << 20,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    # A small language runs out of merges early: reserved tokens fill the vocabulary so the
+    # tokenizer and the embedding table have the same size, as llama.cpp requires.
+    missing = vocab_size - len(tokenizer)
+    if missing > 0:
+        tokenizer.add_tokens([f"<|reserved_{i}|>" for i in range(missing)], special_tokens=True)
+    return tokenizer
+
+
+def load_tokenizer(source: str, vocab_size: int, revision: str | None = None):
+    """``synthetic`` trains one for ``vocab_size``; anything else is a hub id or directory."""
+    if source == SYNTHETIC:
+        return train_synthetic_tokenizer(vocab_size)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, revision=revision)

@@ -1,0 +1,144 @@
+"""BitLinear: a drop-in nn.Linear whose forward sees ternary weights and int8 activations.
+
+Latent weights stay full precision and are what the optimizer updates; gradients pass
+straight through the quantizers (STE). The custom autograd function keeps backward as cheap
+as nn.Linear's: it saves the quantized input and the latent weight (not a second, quantized
+copy of the weight, which FSDP could not free between forward and backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wftool.quant.ternary import fake_quantize_activations, ternary_weight
+
+
+def _effective_weight(weight: torch.Tensor, mix: torch.Tensor | None) -> torch.Tensor:
+    quantized = ternary_weight(weight)
+    if mix is None:
+        return quantized
+    # Quantization warm-up: W + mix * (Wq - W), mix ramping 0 -> 1.
+    return torch.lerp(weight.detach(), quantized, mix.to(weight.dtype))
+
+
+class _BitLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mix):
+        x_q = fake_quantize_activations(x)
+        w_q = _effective_weight(weight, mix)
+        ctx.save_for_backward(x_q, weight, mix)
+        ctx.has_bias = bias is not None
+        return F.linear(x_q, w_q, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_q, weight, mix = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # Straight-through: d out / d x = W_q, recomputed rather than kept alive.
+            grad_x = grad_out @ _effective_weight(weight, mix)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x_q.reshape(-1, x_q.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def bitlinear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Functional BitLinear: linear(absmax_int8(x), absmean_ternary(W)) with STE gradients."""
+    return _BitLinearFunction.apply(x, weight, bias, mix)
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMSNorm (the norm SubLN inserts; starts at weight 1)."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class BitLinear(nn.Linear):
+    """nn.Linear with BitNet b1.58 fake quantization in forward.
+
+    ``input_norm`` is an optional RMSNorm applied to the input first. It is either owned
+    (the "all" SubLN placement: one norm per projection, saved as ``<proj>.input_norm``) or
+    shared from the parent block via :meth:`use_sub_norm` (the paper placement, where the
+    norm lives at a flat name such as ``self_attn.attn_sub_norm`` as llama.cpp expects).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        input_norm_eps: float | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.input_norm = RMSNorm(in_features, input_norm_eps) if input_norm_eps else None
+        # Warm-up mix as a buffer, so ramping it does not recompile a compiled model.
+        self.register_buffer("quant_mix", torch.ones((), dtype=torch.float32), persistent=False)
+        self.warming_up = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, input_norm_eps: float | None = None) -> BitLinear:
+        """A BitLinear that takes over ``linear``'s parameters (no copy)."""
+        weight = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta"
+        )
+        layer.weight = weight
+        layer.bias = linear.bias
+        layer.quant_mix = torch.ones((), dtype=torch.float32, device=weight.device)
+        if input_norm_eps:
+            layer.input_norm = RMSNorm(linear.in_features, input_norm_eps).to(
+                device=weight.device, dtype=weight.dtype
+            )
+        return layer
+
+    def use_sub_norm(self, norm: nn.Module) -> None:
+        """Apply ``norm`` (registered on the parent block) to this layer's input."""
+        if self._modules.get("input_norm") is not None:
+            raise ValueError("this BitLinear already owns an input norm")
+        self._modules.pop("input_norm", None)
+        # Bypass nn.Module.__setattr__ so the norm is not registered (and saved) twice.
+        object.__setattr__(self, "input_norm", norm)
+
+    def set_quant_mix(self, mix: float) -> None:
+        """Set the warm-up blend between latent (0) and ternary (1) weights."""
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"quantization warm-up mix must be in [0, 1], got {mix}")
+        self.quant_mix.fill_(mix)
+        self.warming_up = mix < 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        return bitlinear(x, self.weight, self.bias, self.quant_mix if self.warming_up else None)
+
+    def extra_repr(self) -> str:
+        shared = self.input_norm is not None and "input_norm" not in self._modules
+        return (
+            super().extra_repr()
+            + ", weights=ternary, activations=int8"
+            + (", input_norm=shared sub-norm" if shared else "")
+        )

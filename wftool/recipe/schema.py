@@ -1,0 +1,243 @@
+"""The recipe: one YAML file per model family/size, validated by these pydantic models.
+
+Top-level sections describe the model, its teacher, quantization and data; one section per
+stage (`convert`, `layerwise`, `pretrain`, `unified`, `distill`, `export`, `serve`, `launch`)
+holds that stage's settings. Every model forbids unknown keys, so a typo is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+SCHEMA_VERSION = 1
+STAGES = ("convert", "layerwise", "pretrain", "unified", "distill", "export", "serve", "launch")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    """The full-precision model to convert: a hub id / local directory, or a config to build."""
+
+    name_or_path: str | None = Field(None, description="Hugging Face hub id or local directory.")
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Build a randomly initialised model from this Hugging Face config "
+        "(must contain `model_type`) instead of loading weights.",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer hub id or directory (default: name_or_path); `synthetic` trains "
+        "a byte-level BPE on wft's synthetic language.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype when loading; `auto` keeps the checkpoint's."
+    )
+    seed: int = Field(0, description="Seed for weights built from `config`.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of `name_or_path` or `config`")
+        if self.config is not None:
+            if "model_type" not in self.config:
+                raise ValueError("`config` needs a `model_type` (e.g. llama, qwen3)")
+            if self.tokenizer is None:
+                raise ValueError("a model built from `config` needs `tokenizer` (e.g. synthetic)")
+        return self
+
+
+class TeacherSpec(Section):
+    """The full-precision teacher used by `layerwise` and `distill`."""
+
+    name_or_path: str | None = Field(
+        None,
+        description="Hub id or directory of the teacher; empty = the original `model`, or the "
+        "teacher the pipeline trains itself (see `pipeline.train_teacher`).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class QuantizationSpec(Section):
+    """BitNet b1.58: ternary absmean weights, per-token absmax int8 activations."""
+
+    weights: Literal["ternary_absmean"] = "ternary_absmean"
+    activations: Literal["int8_absmax_per_token"] = "int8_absmax_per_token"
+    warmup_steps: int = Field(
+        0, ge=0, description="Ramp from latent to ternary weights over this many steps (0 = off)."
+    )
+
+
+class DataSource(Section):
+    """One source of text: a hub data set, local files, or wft's synthetic language."""
+
+    dataset: str | None = Field(None, description="Hugging Face data set name.")
+    subset: str | None = Field(None, description="Data set configuration name.")
+    split: str = "train"
+    files: list[str] | None = Field(None, description="Local text/JSONL/Parquet files or globs.")
+    synthetic: bool = Field(False, description="wft's built-in synthetic language.")
+    text_field: str = "text"
+    streaming: bool = Field(False, description="Stream instead of downloading (large corpora).")
+    weight: PositiveFloat = Field(1.0, description="Share of this source in the mix.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DataSource:
+        kinds = [self.dataset is not None, self.files is not None, self.synthetic]
+        if sum(kinds) != 1:
+            raise ValueError("set exactly one of `dataset`, `files` or `synthetic: true`")
+        return self
+
+
+class DataSpec(Section):
+    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(synthetic=True)])
+    seq_len: PositiveInt = 512
+    eval_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Held-out share for eval.")
+    max_documents: PositiveInt | None = Field(None, description="Cap on documents read.")
+    seed: int = 0
+
+
+class TrainingSpec(Section):
+    max_steps: PositiveInt = 1000
+    micro_batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 3e-4
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of steps decaying.")
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
+    )
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: PositiveInt = 10
+    eval_every: PositiveInt = 200
+    save_every: PositiveInt = 500
+    keep_last: PositiveInt = 2
+
+
+class ResumeSpec(Section):
+    mode: Literal["auto", "never"] = Field("auto", description="`auto` continues a stopped run.")
+    load_optimizer: bool = True
+    load_scheduler: bool = True
+
+
+class ConvertStage(Section):
+    """Stage 1: BitLinear in place of every projection, plus SubLN."""
+
+    sub_norm: Literal["paper", "all", "none"] = Field(
+        "paper",
+        description="`paper`: RMSNorm before o_proj and down_proj (exports to llama.cpp's "
+        "bitnet arch); `all`: one before every projection (official code); `none`.",
+    )
+    sub_norm_eps: PositiveFloat | None = Field(
+        None, description="Default: the model's rms_norm_eps (`paper`), 1e-8 (`all`)."
+    )
+    output: str | None = Field(None, description="Default: <output_dir>/<name>/convert/final.")
+
+
+class _TrainingStage(Section):
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    data: DataSpec | None = Field(None, description="Default: the top-level `data`.")
+    resume: ResumeSpec = Field(default_factory=ResumeSpec)
+    init: str | None = Field(None, description="Starting weights; default: the previous stage.")
+
+
+class LayerwiseStage(_TrainingStage):
+    """Stage 1.9: hidden-state distillation from the frozen teacher, layer by layer."""
+
+    layer_weighting: Literal["linear", "uniform"] = "linear"
+    normalize: Literal["l2", "rms"] = "l2"
+    ce_weight: float = Field(0.0, ge=0.0, description="Blend of next-token CE into the loss.")
+    distill_share_end: float = Field(
+        1.0, ge=0.0, le=1.0, description="Distillation share at the last step (decays from 1)."
+    )
+
+
+class PretrainStage(_TrainingStage):
+    """Stage 2: continued pre-training with next-token CE."""
+
+    quantize: bool = Field(True, description="False trains a full-precision model (a teacher).")
+
+
+class UnifiedStage(_TrainingStage):
+    """LM loss + masked-diffusion loss in one pass."""
+
+    dlm_weights: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0],
+        description="Curriculum: DLM loss weight per phase (phases split the steps evenly).",
+    )
+    mask_eps: float = Field(1e-3, gt=0.0, lt=1.0)
+    qk_clip_tau: PositiveFloat | None = Field(100.0, description="MuonClip threshold.")
+
+
+class DistillStage(_TrainingStage):
+    """Stage 3: CE + logits KL + multi-head attention relation distillation."""
+
+    temperature: PositiveFloat = 5.0
+    logits_weight: float = Field(10.0, ge=0.0, description="lambda (10 classification, 1 summ.)")
+    attention_weight: float = Field(1e5, ge=0.0, description="gamma (1e5 classification)")
+    attention_layer: int = Field(-1, description="Layer for relation distillation (<0: from end).")
+    relation_heads: PositiveInt = 32
+
+
+class ExportStage(Section):
+    type: Literal["tq1_0", "tq2_0", "i2_s", "f16", "bf16"] = "tq2_0"
+    output: str | None = None
+    validate_export: bool = Field(True, alias="validate")
+
+
+class ServeStage(Section):
+    backend: Literal["llamacpp", "torch"] = "llamacpp"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    threads: PositiveInt | None = None
+    max_tokens: PositiveInt = 512
+    max_prompt_tokens: PositiveInt = 4096
+    max_concurrent: PositiveInt = 4
+
+
+class LaunchStage(Section):
+    backend: Literal["local", "torchrun", "skypilot", "modal"] = "local"
+    infra: str | None = Field(None, description="SkyPilot infra, e.g. nebius, runpod, aws/us-east-1.")
+    accelerators: str | None = Field(None, description="e.g. H100:8")
+    nodes: PositiveInt = 1
+    gpus_per_node: PositiveInt | None = None
+    use_spot: bool = False
+
+
+class Recipe(Section):
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Recipe format version.")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (runs/<name>/...).")
+    description: str | None = None
+    output_dir: str = "runs"
+    model: ModelSpec
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: list[Literal["convert", "layerwise", "pretrain", "distill", "unified", "export"]] = (
+        Field(
+            default_factory=lambda: ["convert", "layerwise", "pretrain", "distill"],
+            description="Stages `wft pipeline` runs, in order.",
+        )
+    )
+    convert: ConvertStage = Field(default_factory=ConvertStage)
+    layerwise: LayerwiseStage = Field(default_factory=LayerwiseStage)
+    pretrain: PretrainStage = Field(default_factory=PretrainStage)
+    unified: UnifiedStage = Field(default_factory=UnifiedStage)
+    distill: DistillStage = Field(default_factory=DistillStage)
+    export: ExportStage = Field(default_factory=ExportStage)
+    serve: ServeStage = Field(default_factory=ServeStage)
+    launch: LaunchStage = Field(default_factory=LaunchStage)
+
+    def stage_dir(self, stage: str) -> str:
+        return f"{self.output_dir}/{self.name}/{stage}"
