@@ -105,6 +105,7 @@ def read_metadata(path: str | Path) -> TernaryMetadata:
 
 def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device = "cpu"):
     """(model, tokenizer, metadata) from a directory written by save_ternary_model."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -115,8 +116,10 @@ def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device 
     hf_logging.set_verbosity_error()  # the sub-norm tensors are loaded below, not by HF
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    except (OSError, ValueError, RuntimeError) as err:
-        raise WftError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise WftError(
+            f"cannot load {path}: {str(err).splitlines()[0]} (corrupt or partial checkpoint?)"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     report = convert_to_bitnet(model, family, meta.sub_norm, meta.sub_norm_eps)
@@ -128,7 +131,7 @@ def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device 
 
 def _load_tensors(model, path: Path, names: list[str]) -> None:
     """Load ``names`` from the directory's safetensors file(s) into ``model``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -157,5 +160,5 @@ def _load_tensors(model, path: Path, names: list[str]) -> None:
                         )
                     with torch.no_grad():
                         target.copy_(value)
-        except (OSError, RuntimeError) as err:
+        except (OSError, RuntimeError, SafetensorError) as err:
             raise WftError(f"cannot read {path / filename}: {err}") from None

@@ -29,9 +29,9 @@ class QuantizedActivations(NamedTuple):
 
 def weight_delta(weight: torch.Tensor) -> torch.Tensor:
     """Per-tensor absmean scale, float32 whatever the weight dtype."""
+    # abs().sum() rather than vector_norm(ord=1): the latter drifts by ~1e-6 in float32.
     w = weight.detach().float()
-    # An L1 norm reads the tensor once and allocates nothing, unlike abs().mean().
-    return (torch.linalg.vector_norm(w, ord=1) / w.numel()).clamp_(min=WEIGHT_SCALE_MIN)
+    return (w.abs().sum() / w.numel()).clamp_(min=WEIGHT_SCALE_MIN)
 
 
 def _ternary_codes(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

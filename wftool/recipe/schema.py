@@ -56,8 +56,8 @@ class TeacherSpec(Section):
 
     name_or_path: str | None = Field(
         None,
-        description="Hub id or directory of the teacher; empty = the original `model`, or the "
-        "teacher the pipeline trains itself (see `pipeline.train_teacher`).",
+        description="Hub id or directory of the full-precision teacher; empty = the recipe's "
+        "original `model`.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

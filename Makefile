@@ -1,0 +1,33 @@
+# Set-up and everyday commands. Each target creates .venv/ on first use.
+#
+#   make demo   # install, then convert the built-in tiny model and print what changed
+#   make test   # install, then run the test suite
+#
+# CPU machines install the CPU build of torch through constraints/cpu.txt. On a GPU machine
+# run `make test CONSTRAINTS=` (or plain `pip install -e .`) to get PyPI's CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints/cpu.txt
+EXTRAS ?= dev
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.wft-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/wft convert tiny --force
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bitlinear.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,44 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    values = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    values.update(overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**values)).eval()
+
+
+def tiny_qwen3(**overrides):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    values = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(**values)).eval()
+
+
+@pytest.fixture
+def llama_model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def qwen3_model():
+    return tiny_qwen3()

@@ -1,0 +1,159 @@
+"""Recipes: every shipped file validates; mistakes give dotted, did-you-mean messages."""
+
+import pytest
+import yaml
+
+from wftool.errors import WftError
+from wftool.recipe import STAGES, Recipe, bundled_recipes, load_recipe
+from wftool.recipe.load import apply_overrides, override_path
+
+EXPECTED_RECIPES = {"tiny", "smollm2_135m", "smollm2_1_7b", "qwen3_0_6b", "qwen3_4b"}
+
+
+def test_all_expected_recipes_are_bundled():
+    assert EXPECTED_RECIPES <= set(bundled_recipes())
+
+
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_every_shipped_recipe_validates_and_documents_itself(name):
+    path = bundled_recipes()[name]
+    recipe = load_recipe(str(path))
+    assert recipe.name == name
+    text = path.read_text()
+    assert text.startswith(f"# {name}:"), "a recipe opens with what it does"
+    assert "wft " in text.split("schema_version")[0], "and how to launch it"
+    for stage in STAGES:
+        assert getattr(recipe, stage) is not None
+
+
+def test_tiny_recipe_is_exportable_shape():
+    recipe = load_recipe("tiny")
+    config = recipe.model.config
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"]
+    assert config["hidden_size"] % 256 == 0 and config["intermediate_size"] % 256 == 0
+
+
+def _write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _minimal(**extra):
+    data = {"name": "t", "model": {"name_or_path": "some/model"}}
+    data.update(extra)
+    return data
+
+
+def _error(tmp_path, data, overrides=(), stage=None) -> str:
+    with pytest.raises(WftError) as err:
+        load_recipe(_write(tmp_path, data), list(overrides), stage=stage)
+    return str(err.value)
+
+
+def test_unknown_key_gets_dotted_path_and_suggestion(tmp_path):
+    message = _error(tmp_path, _minimal(pretrain={"training": {"max_step": 5}}))
+    assert "pretrain.training.max_step: unknown key; did you mean 'max_steps'?" in message
+
+
+def test_unknown_top_level_section_lists_alternatives_when_no_close_match(tmp_path):
+    message = _error(tmp_path, _minimal(zzzz=1))
+    assert "zzzz: unknown key (valid keys:" in message and "pretrain" in message
+
+
+def test_wrong_type_names_field_and_value(tmp_path):
+    message = _error(tmp_path, _minimal(data={"seq_len": "long"}))
+    assert "data.seq_len:" in message and "'long'" in message
+
+
+def test_list_items_are_located(tmp_path):
+    message = _error(tmp_path, _minimal(data={"sources": [{"dataset": "a", "wieght": 2}]}))
+    assert "data.sources[0].wieght: unknown key; did you mean 'weight'?" in message
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    message = _error(tmp_path, {"name": "t", "model": {}})
+    assert "model: set exactly one of `name_or_path` or `config`" in message
+
+
+def test_missing_required_field(tmp_path):
+    message = _error(tmp_path, {"model": {"name_or_path": "x"}})
+    assert "name: required field is missing" in message
+
+
+def test_schema_version_is_checked(tmp_path):
+    message = _error(tmp_path, _minimal(schema_version=2))
+    assert "schema_version" in message
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: t\nmodel:\n  name_or_path: [unclosed\n")
+    with pytest.raises(WftError, match=r"bad.yaml:\d+:\d+: invalid YAML"):
+        load_recipe(str(path))
+
+
+def test_non_mapping_recipe(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(WftError, match="must be a mapping"):
+        load_recipe(str(path))
+
+
+def test_missing_file_suggests_bundled_name():
+    with pytest.raises(WftError) as err:
+        load_recipe("tinny")
+    assert "not found" in str(err.value) and "tiny" in str(err.value)
+    with pytest.raises(WftError, match="not found"):
+        load_recipe("does/not/exist.yaml")
+
+
+def test_bundled_name_resolves_with_or_without_suffix():
+    assert load_recipe("tiny").name == load_recipe("tiny.yaml").name == "tiny"
+
+
+def test_overrides_resolve_inside_the_stage_first():
+    raw = {"name": "t", "pretrain": {"data": {"seq_len": 64}}}
+    assert override_path("training.max_steps", raw, "pretrain") == [
+        "pretrain", "training", "max_steps",
+    ]
+    # `data` exists in the pretrain section of this file, so it lands there ...
+    assert override_path("data.seq_len", raw, "pretrain") == ["pretrain", "data", "seq_len"]
+    # ... but at the top level when the stage does not set its own data.
+    assert override_path("data.seq_len", {"name": "t"}, "pretrain") == ["data", "seq_len"]
+    assert override_path("model.dtype", raw, "pretrain") == ["model", "dtype"]
+    assert override_path("pretrain.quantize", raw, "distill") == ["pretrain", "quantize"]
+    assert override_path("training.lr", raw, None) == ["training", "lr"]
+
+
+def test_overrides_are_type_checked_by_the_same_models():
+    recipe = load_recipe("tiny", ["training.max_steps=7", "data.seq_len=64"], stage="pretrain")
+    assert recipe.pretrain.training.max_steps == 7
+    assert recipe.data.seq_len == 64
+    with pytest.raises(WftError) as err:
+        load_recipe("tiny", ["training.max_steps=lots"], stage="pretrain")
+    assert "pretrain.training.max_steps" in str(err.value)
+    assert "[from override training.max_steps=lots]" in str(err.value)
+
+
+def test_override_values_parse_as_yaml():
+    raw = {}
+    apply_overrides(raw, ["a.b=3", "a.c=true", "a.d=[1, 2]", "a.e=null", "a.f=text"])
+    assert raw == {"a": {"b": 3, "c": True, "d": [1, 2], "e": None, "f": "text"}}
+
+
+@pytest.mark.parametrize("bad", ["noequals", "=3", "a..b=1"])
+def test_malformed_overrides(bad):
+    with pytest.raises(WftError):
+        apply_overrides({}, [bad])
+
+
+def test_override_into_a_value_is_refused():
+    with pytest.raises(WftError, match="is a value, not a section"):
+        apply_overrides({"name": "t"}, ["name.x=1"])
+
+
+def test_schema_exports_and_forbids_extras():
+    schema = Recipe.model_json_schema(by_alias=True)
+    assert schema["additionalProperties"] is False
+    assert {"model", "pretrain", "distill", "export", "launch"} <= set(schema["properties"])

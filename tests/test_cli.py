@@ -1,0 +1,98 @@
+"""The `wft` command line, driven as a user would through Typer's runner."""
+
+import pytest
+from typer.testing import CliRunner
+
+from wftool.cli import app
+from wftool.model.checkpoint import load_ternary_model
+from wftool.model.surgery import bitlinear_layers
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for verb in ("convert", "layerwise", "pretrain", "unified", "distill", "export-gguf",
+                 "serve", "launch", "pipeline", "eval", "doctor", "recipe"):
+        assert verb in result.output
+
+
+@pytest.mark.parametrize("verb", ["layerwise", "pretrain", "unified", "distill", "export-gguf",
+                                  "serve", "launch", "pipeline", "eval"])
+def test_unbuilt_stages_say_so_with_exit_2(verb):
+    result = runner.invoke(app, [verb, "tiny"])
+    assert result.exit_code == 2
+    assert "not available yet" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_override_exits_2_without_traceback():
+    result = runner.invoke(app, ["convert", "tiny", "convert.sub_norm=middle"])
+    assert result.exit_code == 2
+    assert "convert.sub_norm" in result.output and "'middle'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_convert_tiny_end_to_end(tmp_path):
+    out = tmp_path / "student"
+    result = runner.invoke(app, ["convert", "tiny", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "28 projections" in result.output and "llama.cpp bitnet: ok" in result.output
+    model, tokenizer, meta = load_ternary_model(out)
+    assert meta.family == "llama" and meta.sub_norm == "paper"
+    assert len(bitlinear_layers(model)) == 28
+    assert len(tokenizer) == model.config.vocab_size
+    # A second run refuses to clobber the output unless asked to.
+    again = runner.invoke(app, ["convert", "tiny", "--output", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+    forced = runner.invoke(app, ["convert", "tiny", "--output", str(out), "--force",
+                                 "convert.sub_norm=all"])
+    assert forced.exit_code == 0, forced.output
+    assert "llama.cpp bitnet: no" in forced.output
+
+
+def test_convert_unsupported_family_exits_2(tmp_path):
+    recipe = tmp_path / "gpt2.yaml"
+    recipe.write_text("name: g\nmodel:\n  config: {model_type: gpt2}\n  tokenizer: synthetic\n")
+    result = runner.invoke(app, ["convert", str(recipe), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "not supported" in result.output and "qwen3" in result.output
+
+
+def test_convert_missing_local_model_exits_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: m\nmodel:\n  name_or_path: {tmp_path}/nowhere\n")
+    result = runner.invoke(app, ["convert", str(recipe), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "cannot load model" in result.output
+
+
+def test_recipe_show_applies_overrides():
+    result = runner.invoke(app, ["recipe", "show", "tiny", "training.max_steps=9",
+                                 "--stage", "pretrain"])
+    assert result.exit_code == 0, result.output
+    assert "max_steps: 9" in result.output
+
+
+def test_recipe_validate_reports_each_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: b\nmodel: {name_or_path: x}\nconvert: {sub_norms: paper}\n")
+    result = runner.invoke(app, ["recipe", "validate", "tiny", str(bad)])
+    assert result.exit_code == 2
+    assert "ok" in result.output and "did you mean 'sub_norm'" in result.output
+
+
+def test_recipe_schema_and_list():
+    import json
+
+    schema = runner.invoke(app, ["recipe", "schema"])
+    assert schema.exit_code == 0 and json.loads(schema.output)["title"] == "Recipe"
+    listing = runner.invoke(app, ["recipe", "list"])
+    assert listing.exit_code == 0 and "qwen3_4b" in listing.output
+
+
+def test_doctor_reports_versions():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "torch" in result.output and "llama-cpp-python" in result.output
