@@ -11,7 +11,7 @@ from wftool.model.checkpoint import (
     TernaryMetadata,
     load_ternary_model,
     read_metadata,
-    save_ternary_model,
+    save_model_dir,
 )
 from wftool.model.families import family_for_model_type
 from wftool.model.surgery import bitlinear_layers, convert_to_bitnet
@@ -112,7 +112,7 @@ def test_save_and_reload_gives_identical_logits(tmp_path, build, sub_norm):
     with torch.no_grad():
         before = model(tokens).logits
     meta = TernaryMetadata(family.name, sub_norm, None, quant_mix=1.0)
-    save_ternary_model(model, None, tmp_path / "student", meta)
+    save_model_dir(model, None, tmp_path / "student", meta)
     reloaded, _, loaded_meta = load_ternary_model(tmp_path / "student")
     assert loaded_meta == meta
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_save_and_reload_gives_identical_logits(tmp_path, build, sub_norm):
 def test_reload_restores_warmup_mix(tmp_path):
     model = tiny_llama()
     _, family = _convert(model)
-    save_ternary_model(model, None, tmp_path / "m", TernaryMetadata("llama", "paper", None, 0.5))
+    save_model_dir(model, None, tmp_path / "m", TernaryMetadata("llama", "paper", None, 0.5))
     reloaded, _, meta = load_ternary_model(tmp_path / "m")
     assert meta.quant_mix == 0.5
     assert all(layer.warming_up for layer in bitlinear_layers(reloaded).values())
@@ -134,7 +134,7 @@ def test_missing_sub_norm_tensor_is_a_clear_error(tmp_path):
 
     model = tiny_llama()
     _convert(model)
-    path = save_ternary_model(model, None, tmp_path / "m", TernaryMetadata("llama", "paper", None))
+    path = save_model_dir(model, None, tmp_path / "m", TernaryMetadata("llama", "paper", None))
     tensors = load_file(path / "model.safetensors")
     tensors.pop("model.layers.1.mlp.ffn_sub_norm.weight")
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
@@ -145,7 +145,7 @@ def test_missing_sub_norm_tensor_is_a_clear_error(tmp_path):
 def test_truncated_weights_are_a_clear_error(tmp_path):
     model = tiny_llama()
     _convert(model)
-    path = save_ternary_model(model, None, tmp_path / "m", TernaryMetadata("llama", "paper", None))
+    path = save_model_dir(model, None, tmp_path / "m", TernaryMetadata("llama", "paper", None))
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(WftError, match="cannot (load|read)"):
@@ -164,8 +164,8 @@ def test_save_replaces_atomically_and_leaves_no_temp_dirs(tmp_path):
     model = tiny_llama()
     _convert(model)
     meta = TernaryMetadata("llama", "paper", None)
-    save_ternary_model(model, None, tmp_path / "m", meta)
-    save_ternary_model(model, None, tmp_path / "m", meta)
+    save_model_dir(model, None, tmp_path / "m", meta)
+    save_model_dir(model, None, tmp_path / "m", meta)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 

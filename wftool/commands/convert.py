@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wftool.errors import WftError
-from wftool.model.checkpoint import TernaryMetadata, save_ternary_model
+from wftool.model.checkpoint import TernaryMetadata, save_model_dir
 from wftool.model.families import bitnet_gguf_blockers
 from wftool.model.loading import load_source_model
 from wftool.model.surgery import ConversionReport, convert_to_bitnet
@@ -45,7 +45,7 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
     if sub_norm_eps is None and report.sub_norms:
         sub_norm_eps = _first_sub_norm_eps(model)
     meta = TernaryMetadata(family.name, stage.sub_norm, sub_norm_eps)
-    save_ternary_model(model, tokenizer, output, meta)
+    save_model_dir(model, tokenizer, output, meta)
     blockers = bitnet_gguf_blockers(family, model.config, stage.sub_norm)
     return ConvertResult(output, report, family.name, blockers)
 

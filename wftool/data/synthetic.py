@@ -8,7 +8,7 @@ its entropy rate (the best loss any model can reach, per word) is computed exact
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class SyntheticLanguage:
     n_words: int = 240
     successors: int = 6  # how many words may follow a given word
     concentration: float = 0.6  # Dirichlet alpha: lower = more predictable text
+    dialect: int = 0  # same words, different transitions: what the classification task tells
 
     @cached_property
     def words(self) -> list[str]:
@@ -43,7 +44,7 @@ class SyntheticLanguage:
     @cached_property
     def _chain(self) -> tuple[np.ndarray, np.ndarray]:
         """Successor ids [n_words, successors] and their probabilities."""
-        rng = np.random.default_rng(self.seed + 1)
+        rng = np.random.default_rng([self.seed, 1 + self.dialect])
         nexts = np.stack(
             [rng.choice(self.n_words, self.successors, replace=False) for _ in range(self.n_words)]
         )
@@ -89,3 +90,43 @@ class SyntheticLanguage:
     def documents(self, n: int, seed: int, n_words: int = 64) -> list[str]:
         rng = np.random.default_rng(seed)
         return [self.sample_document(rng, n_words) for _ in range(n)]
+
+    def document(self, seed: int, index: int, n_words: int = 64) -> str:
+        """Document ``index`` of the stream ``seed``: random access, so resuming is O(1)."""
+        return self.sample_document(np.random.default_rng([seed, index]), n_words)
+
+
+TASK_LABELS = ("left", "right")  # answer text per dialect
+TASK_PROMPT_SUFFIX = " ->"
+
+
+@dataclass(frozen=True)
+class DialectTask:
+    """Classification: which of two dialects (same words, different grammar) wrote a text.
+
+    Each example is a prompt (text + " ->") and a generated answer (" left" / " right"), so
+    accuracy is measured the way the paper measures it: by generating the label text.
+    """
+
+    seed: int = 0
+    n_words: int = 12
+
+    @cached_property
+    def dialects(self) -> tuple[SyntheticLanguage, SyntheticLanguage]:
+        return dialect_language(0, self.seed), dialect_language(1, self.seed)
+
+    def example(self, seed: int, index: int) -> tuple[str, str]:
+        rng = np.random.default_rng([seed, index, 7])
+        label = int(rng.integers(2))
+        text = self.dialects[label].sample_document(rng, self.n_words)
+        return text + TASK_PROMPT_SUFFIX, " " + TASK_LABELS[label]
+
+
+@lru_cache(maxsize=8)
+def dialect_language(dialect: int, seed: int = 0) -> SyntheticLanguage:
+    return SyntheticLanguage(seed, dialect=dialect)
+
+
+def mixed_dialect_document(seed: int, index: int, n_words: int = 64) -> str:
+    """Pre-training text for the tiny pipeline: either dialect, alternating per document."""
+    return dialect_language(index % 2).document(seed, index, n_words)

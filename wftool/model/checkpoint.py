@@ -1,6 +1,6 @@
 """Ternary model directories: Hugging Face layout plus a `wft` section in config.json.
 
-`save_ternary_model` writes weights (safetensors), config and tokenizer to a temporary
+`save_model_dir` writes weights (safetensors), config and tokenizer to a temporary
 directory and renames it into place, so a crash never leaves a half-written model.
 `load_ternary_model` rebuilds the family's module tree, re-applies the recorded surgery
 and loads every tensor, giving logits identical to the saved model.
@@ -58,13 +58,22 @@ def replace_directory(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_ternary_model(model, tokenizer, output: str | Path, meta: TernaryMetadata) -> Path:
-    """Write model + tokenizer atomically to ``output`` (replacing it if present)."""
+def save_model_dir(
+    model, tokenizer, output: str | Path, meta: TernaryMetadata | None = None
+) -> Path:
+    """Write model + tokenizer atomically to ``output`` (replacing it if present).
+
+    ``meta`` marks a ternary student; without it the directory is a plain Hugging Face model
+    (a full-precision teacher) that any transformers user can load.
+    """
     final = Path(output)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        setattr(model.config, CONFIG_KEY, asdict(meta))
+        if meta is not None:
+            setattr(model.config, CONFIG_KEY, asdict(meta))
+        elif hasattr(model.config, CONFIG_KEY):
+            delattr(model.config, CONFIG_KEY)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -104,7 +113,7 @@ def read_metadata(path: str | Path) -> TernaryMetadata:
 
 
 def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device = "cpu"):
-    """(model, tokenizer, metadata) from a directory written by save_ternary_model."""
+    """(model, tokenizer, metadata) from a directory written by save_model_dir."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -127,6 +136,23 @@ def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device 
     set_quant_mix(model, meta.quant_mix)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model.to(device).eval(), tokenizer, meta
+
+
+def load_model_dir(path: str | Path, dtype=None, device: str | torch.device = "cpu"):
+    """(model, tokenizer, metadata or None): a wft student, or a plain Hugging Face model."""
+    path = Path(path)
+    if is_ternary_checkpoint(path):
+        return load_ternary_model(path, dtype=dtype, device=device)
+    if not (path / "config.json").exists():
+        raise WftError(f"{path} is not a model directory (no config.json)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise WftError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer, None
 
 
 def _load_tensors(model, path: Path, names: list[str]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from wftool.data.synthetic import SyntheticLanguage
+from wftool.data.synthetic import DialectTask, SyntheticLanguage
 
 SYNTHETIC = "synthetic"
 EOS_TOKEN = "<|endoftext|>"
@@ -38,7 +38,10 @@ def train_synthetic_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(language.documents(n_documents, seed=12345), trainer)
+    # Task prompts and labels are in the corpus so that " ->", " left", " right" are tokens.
+    task = DialectTask()
+    examples = ["".join(task.example(12345, i)) for i in range(n_documents // 10)]
+    backend.train_from_iterator(language.documents(n_documents, seed=12345) + examples, trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=EOS_TOKEN,

@@ -56,10 +56,15 @@ class TeacherSpec(Section):
 
     name_or_path: str | None = Field(
         None,
-        description="Hub id or directory of the full-precision teacher; empty = the recipe's "
-        "original `model`.",
+        description="Hub id or directory of the task fine-tuned full-precision teacher for "
+        "`distill`; empty = the recipe's original `model`.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    train: TeacherTraining | None = Field(
+        None,
+        description="`wft pipeline` first trains its own teacher: full-precision pre-training "
+        "of `model` on `data`, then fine-tuning on the distill task.",
+    )
 
 
 class QuantizationSpec(Section):
@@ -80,7 +85,9 @@ class DataSource(Section):
     split: str = "train"
     files: list[str] | None = Field(None, description="Local text/JSONL/Parquet files or globs.")
     synthetic: bool = Field(False, description="wft's built-in synthetic language.")
-    text_field: str = "text"
+    text_field: str = Field("text", description="Column holding the text (format: text).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (format: task).")
+    answer_field: str = Field("answer", description="Column holding the answer (format: task).")
     streaming: bool = Field(False, description="Stream instead of downloading (large corpora).")
     weight: PositiveFloat = Field(1.0, description="Share of this source in the mix.")
 
@@ -93,10 +100,17 @@ class DataSource(Section):
 
 
 class DataSpec(Section):
+    format: Literal["text", "task"] = Field(
+        "text",
+        description="`text`: documents packed into sequences (pre-training); `task`: prompt + "
+        "answer pairs, loss on answer tokens only (fine-tuning, distillation).",
+    )
     sources: list[DataSource] = Field(default_factory=lambda: [DataSource(synthetic=True)])
     seq_len: PositiveInt = 512
-    eval_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Held-out share for eval.")
-    max_documents: PositiveInt | None = Field(None, description="Cap on documents read.")
+    eval_fraction: float = Field(
+        0.01, ge=0.0, lt=1.0, description="Share of documents held out for evaluation."
+    )
+    eval_batches: PositiveInt = Field(8, description="Batches in each evaluation.")
     seed: int = 0
 
 
@@ -123,6 +137,25 @@ class TrainingSpec(Section):
     eval_every: PositiveInt = 200
     save_every: PositiveInt = 500
     keep_last: PositiveInt = 2
+
+
+class TeacherTraining(Section):
+    pretrain: TrainingSpec = Field(default_factory=TrainingSpec)
+    finetune: TrainingSpec = Field(default_factory=TrainingSpec)
+
+
+class LoggingSpec(Section):
+    wandb: bool = Field(False, description="Also log to Weights & Biases (extra: wandb).")
+    project: str = "wft"
+    run_name: str | None = Field(None, description="Default: <name>-<stage>-<timestamp>.")
+
+
+class PipelineSpec(Section):
+    baseline: bool = Field(
+        True,
+        description="Also train the BitNet-SFT baseline (ternary fine-tuning only, no SubLN) on "
+        "the distill budget, for the comparison table.",
+    )
 
 
 class ResumeSpec(Section):
@@ -224,6 +257,8 @@ class Recipe(Section):
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     data: DataSpec = Field(default_factory=DataSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
     stages: list[Literal["convert", "layerwise", "pretrain", "distill", "unified", "export"]] = (
         Field(
             default_factory=lambda: ["convert", "layerwise", "pretrain", "distill"],
@@ -241,3 +276,7 @@ class Recipe(Section):
 
     def stage_dir(self, stage: str) -> str:
         return f"{self.output_dir}/{self.name}/{stage}"
+
+
+TeacherSpec.model_rebuild()
+Recipe.model_rebuild()

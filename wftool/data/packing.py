@@ -1,0 +1,124 @@
+"""Tokenized batches: packed pre-training sequences and padded prompt/answer examples.
+
+Packing joins documents with EOS into rows of exactly `seq_len` tokens; position ids restart
+at every document (and at every row) and go to the model, which then keeps documents from
+attending to each other. Task examples put the loss on answer tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from wftool.data.sources import DocumentMixer
+
+IGNORE_INDEX = -100  # labels the loss skips
+_TOKENIZE_CHUNK = 32
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token, which packing needs between documents")
+    return tokenizer.eos_token_id
+
+
+class PackedTextStream:
+    """Rows of `seq_len` tokens from a document mixer; resumable through `state_dict`."""
+
+    def __init__(self, mixer: DocumentMixer, tokenizer, seq_len: int):
+        self.mixer, self.tokenizer, self.seq_len = mixer, tokenizer, seq_len
+        self.eos = _eos_id(tokenizer)
+        self.tokens: list[int] = []
+        self.positions: list[int] = []
+
+    def _refill(self) -> None:
+        docs = [self.mixer.next_document() for _ in range(_TOKENIZE_CHUNK)]
+        encoded = self.tokenizer(docs, add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            ids = list(ids) + [self.eos]
+            self.tokens.extend(ids)
+            self.positions.extend(range(len(ids)))
+
+    def next_row(self) -> tuple[list[int], list[int]]:
+        while len(self.tokens) < self.seq_len:
+            self._refill()
+        row, self.tokens = self.tokens[: self.seq_len], self.tokens[self.seq_len :]
+        positions, self.positions = self.positions[: self.seq_len], self.positions[self.seq_len :]
+        # A document cut by the row boundary continues at position 0 of the next row.
+        if self.positions and self.positions[0] != 0:
+            offset = self.positions[0]
+            for i, p in enumerate(self.positions):
+                if p < offset:
+                    break
+                self.positions[i] = p - offset
+        return row, positions
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        rows = [self.next_row() for _ in range(batch_size)]
+        input_ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "position_ids": torch.tensor([r[1] for r in rows], dtype=torch.long),
+            "labels": input_ids.clone(),
+        }
+
+    def state_dict(self) -> dict:
+        return {"mixer": self.mixer.state_dict(), "tokens": self.tokens, "positions": self.positions}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixer.load_state_dict(state["mixer"])
+        self.tokens, self.positions = list(state["tokens"]), list(state["positions"])
+
+
+class TaskStream:
+    """Batches of prompt + answer examples, right-padded, loss on the answer only."""
+
+    def __init__(self, mixer: DocumentMixer, tokenizer, seq_len: int):
+        self.mixer, self.tokenizer, self.seq_len = mixer, tokenizer, seq_len
+        self.eos = _eos_id(tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    def encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos]
+        answer_ids = answer_ids[: self.seq_len - 1]
+        keep = self.seq_len - len(answer_ids)
+        prompt_ids = prompt_ids[-keep:]  # cut long prompts from the left, keep the answer
+        ids = prompt_ids + answer_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        return ids, labels
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        examples = [self.encode(*self.mixer.next_document()) for _ in range(batch_size)]
+        return collate_examples(examples, self.pad)
+
+    def state_dict(self) -> dict:
+        return {"mixer": self.mixer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixer.load_state_dict(state["mixer"])
+
+
+def collate_examples(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    width = max(len(ids) for ids, _ in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention_mask[row, : len(ids)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+    }
+
+
+def build_stream(spec, tokenizer, split: str = "train", rank: int = 0, world_size: int = 1):
+    """The batch stream for a recipe data section."""
+    mixer = DocumentMixer(spec, split, rank, world_size)
+    cls = TaskStream if spec.format == "task" else PackedTextStream
+    return cls(mixer, tokenizer, spec.seq_len)

@@ -1,0 +1,199 @@
+"""Where documents come from: hub data sets, local files, or the synthetic language.
+
+Each source is read by index (`Reader.iter_from(start)`), so a run's data position is just a
+number per source and resuming replays exactly the documents an uninterrupted run would see.
+Documents are held out for evaluation by index, and split between ranks by index.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from wftool.data.synthetic import DialectTask, mixed_dialect_document
+from wftool.errors import WftError
+from wftool.recipe.schema import DataSource, DataSpec
+
+Document = str | tuple[str, str]  # text, or (prompt, answer)
+
+_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
+             ".parquet": "parquet"}
+
+
+class Reader:
+    """Documents of one source by raw index; `iter_from` yields (index, document)."""
+
+    def iter_from(self, start: int) -> Iterator[tuple[int, Document]]:
+        raise NotImplementedError
+
+
+class SyntheticReader(Reader):
+    def __init__(self, fmt: str, seed: int):
+        self.fmt, self.seed, self.task = fmt, seed, DialectTask()
+
+    def iter_from(self, start):
+        index = start
+        while True:
+            if self.fmt == "task":
+                yield index, self.task.example(self.seed, index)
+            else:
+                yield index, mixed_dialect_document(self.seed, index)
+            index += 1
+
+
+class TableReader(Reader):
+    """A map-style data set, reshuffled every epoch (seeded), repeated forever."""
+
+    def __init__(self, table, fmt: str, source: DataSource, seed: int):
+        if len(table) == 0:
+            raise WftError(f"data source {_describe(source)} is empty")
+        self.table, self.seed = table, seed
+        self.row_to_document = _row_converter(table.column_names, fmt, source)
+        self._epoch, self._order = -1, None
+
+    def _row(self, index: int):
+        n = len(self.table)
+        epoch, offset = divmod(index, n)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return self.table[int(self._order[offset])]
+
+    def iter_from(self, start):
+        index = start
+        while True:
+            yield index, self.row_to_document(self._row(index))
+            index += 1
+
+
+class StreamReader(Reader):
+    """A streamed data set: resuming skips the documents already seen."""
+
+    def __init__(self, stream, fmt: str, source: DataSource):
+        self.stream = stream
+        self.row_to_document = _row_converter(stream.column_names, fmt, source)
+        self.source = source
+
+    def iter_from(self, start):
+        index = 0
+        while True:
+            produced = False
+            for row in self.stream:
+                produced = True
+                if index >= start:
+                    yield index, self.row_to_document(row)
+                index += 1
+            if not produced:
+                raise WftError(f"data source {_describe(self.source)} is empty")
+
+
+def _describe(source: DataSource) -> str:
+    if source.dataset:
+        return source.dataset + (f" ({source.subset})" if source.subset else "")
+    return "synthetic" if source.synthetic else ", ".join(source.files or [])
+
+
+def _row_converter(columns, fmt: str, source: DataSource):
+    needed = [source.prompt_field, source.answer_field] if fmt == "task" else [source.text_field]
+    if columns is not None:
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise WftError(
+                f"data source {_describe(source)} has no column {missing[0]!r}; "
+                f"columns: {', '.join(columns)}",
+                "set text_field (or prompt_field / answer_field) in the data source",
+            )
+    if fmt == "task":
+        return lambda row: (str(row[source.prompt_field]), str(row[source.answer_field]))
+    return lambda row: str(row[source.text_field])
+
+
+def expand_files(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+        if not matches:
+            raise WftError(f"data file {pattern!r} matches no file")
+        files.extend(matches)
+    return files
+
+
+def open_reader(source: DataSource, fmt: str, seed: int) -> Reader:
+    """The reader for one recipe data source."""
+    if source.synthetic:
+        return SyntheticReader(fmt, seed)
+    import datasets
+
+    try:
+        if source.files:
+            files = expand_files(source.files)
+            suffixes = {Path(f).suffix.lower() for f in files}
+            builders = {_BUILDERS.get(s) for s in suffixes}
+            if None in builders or len(builders) != 1:
+                raise WftError(
+                    f"data files must all be one of {', '.join(sorted(_BUILDERS))}; "
+                    f"got {', '.join(sorted(suffixes))}"
+                )
+            builder = builders.pop()
+            extra = {"sample_by": "paragraph"} if builder == "text" else {}
+            data = datasets.load_dataset(
+                builder, data_files=files, split="train", streaming=source.streaming, **extra
+            )
+        else:
+            data = datasets.load_dataset(
+                source.dataset, source.subset, split=source.split, streaming=source.streaming
+            )
+    except WftError:
+        raise
+    except (OSError, ValueError, FileNotFoundError) as err:
+        raise WftError(f"cannot load data source {_describe(source)}: {err}") from None
+    if source.streaming:
+        return StreamReader(data, fmt, source)
+    return TableReader(data, fmt, source, seed)
+
+
+class DocumentMixer:
+    """Weighted mix of sources, one split ("train" or "eval") of one rank's share.
+
+    Its state (mixing RNG and next index per source) is all a resumed run needs.
+    """
+
+    def __init__(
+        self, spec: DataSpec, split: str = "train", rank: int = 0, world_size: int = 1,
+        readers: list[Reader] | None = None,
+    ):
+        self.readers = readers or [open_reader(s, spec.format, spec.seed) for s in spec.sources]
+        weights = np.array([s.weight for s in spec.sources], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.holdout_every = round(1 / spec.eval_fraction) if spec.eval_fraction > 0 else 0
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1, rank])
+        self.positions = [0] * len(self.readers)
+        self._iterators: list[Iterator | None] = [None] * len(self.readers)
+
+    def _wanted(self, index: int) -> bool:
+        held_out = self.holdout_every > 0 and index % self.holdout_every == 0
+        if self.split == "eval":
+            return held_out
+        return not held_out and index % self.world_size == self.rank
+
+    def next_document(self) -> Document:
+        choice = int(self.rng.choice(len(self.readers), p=self.weights))
+        if self._iterators[choice] is None:
+            self._iterators[choice] = self.readers[choice].iter_from(self.positions[choice])
+        for index, document in self._iterators[choice]:
+            if self._wanted(index):
+                self.positions[choice] = index + 1
+                return document
+        raise WftError("data source ended unexpectedly")
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "positions": list(self.positions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.positions = list(state["positions"])
+        self._iterators = [None] * len(self.readers)

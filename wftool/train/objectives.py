@@ -1,0 +1,111 @@
+"""The losses of every stage, as plain functions of tensors (METHOD.md sections 3-5)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from wftool.data.packing import IGNORE_INDEX
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, mean over labelled positions (labels shifted here)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def layer_weights(n_layers: int, scheme: str) -> torch.Tensor:
+    """Per-layer weights summing to 1; `linear` weights later layers more (l / sum l)."""
+    if scheme == "uniform":
+        weights = torch.ones(n_layers)
+    elif scheme == "linear":
+        weights = torch.arange(1, n_layers + 1, dtype=torch.float32)
+    else:
+        raise ValueError(f"unknown layer weighting {scheme!r}")
+    return weights / weights.sum()
+
+
+def _normalize(hidden: torch.Tensor, how: str) -> torch.Tensor:
+    hidden = hidden.float()
+    if how == "l2":
+        return F.normalize(hidden, dim=-1)
+    if how == "rms":
+        return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+    raise ValueError(f"unknown normalisation {how!r}")
+
+
+def hidden_state_loss(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    weights: torch.Tensor,
+    normalize: str = "l2",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_l w_l * MSE(norm(h_s^l), norm(h_t^l)), squared error summed over the hidden
+    dimension and averaged over (non-padding) tokens."""
+    if len(student) != len(teacher) or len(student) != len(weights):
+        raise ValueError("student, teacher and weights must cover the same layers")
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for w, hs, ht in zip(weights.tolist(), student, teacher):
+        per_token = (_normalize(hs, normalize) - _normalize(ht, normalize)).pow(2).sum(-1)
+        total = total + w * _masked_mean(per_token, mask)
+    return total
+
+
+def logits_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """tau^2 * KL(teacher || student) of softmax(logits / tau), mean over non-padding tokens."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return temperature**2 * _masked_mean(per_token, mask)
+
+
+def attention_relation_loss(
+    student: dict[str, torch.Tensor],
+    teacher: dict[str, torch.Tensor],
+    relation_heads: int = 32,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MiniLMv2 multi-head relation distillation over Q, K and V at one layer.
+
+    Each [batch, seq, width] state is split into `relation_heads` heads, every token vector
+    is L2-normalised, relations are softmax(A A^T) over the sequence (cosine relations, as the
+    official BitDistill code), and KL(teacher || student) is averaged over heads and query
+    rows. The sum over Q, K, V carries the official code's extra 1 / relation_heads factor.
+    """
+    total = None
+    for name in ("q", "k", "v"):
+        s_rel = _relation_log_probs(student[name], relation_heads, mask)
+        t_rel = _relation_log_probs(teacher[name], relation_heads, mask)
+        per_row = (t_rel.exp() * (t_rel - s_rel)).sum(-1)  # [batch, heads, seq]
+        row_mask = None if mask is None else mask[:, None, :].expand_as(per_row)
+        term = _masked_mean(per_row, row_mask)
+        total = term if total is None else total + term
+    return total / relation_heads
+
+
+def _relation_log_probs(states: torch.Tensor, heads: int, mask: torch.Tensor | None):
+    batch, seq, width = states.shape
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by {heads} relation heads")
+    split = states.float().reshape(batch, seq, heads, width // heads).transpose(1, 2)
+    split = F.normalize(split, dim=-1)
+    scores = split @ split.transpose(-1, -2)  # [batch, heads, seq, seq]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    log_probs = F.log_softmax(scores, dim=-1)
+    # Padded keys: probability 0 for both models; a finite log keeps 0 * (a - a) at 0.
+    return log_probs.clamp(min=-1e9) if mask is not None else log_probs
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
