@@ -94,7 +94,7 @@ def _not_yet(stage: str, what: str):
         raise WftError(
             f"`wft {command.cli_name}` is not available yet in wft {_version()}: {what} "
             "is still being built",
-            "`wft convert` and `wft recipe` work today",
+            "`wft convert`, `layerwise`, `pretrain`, `distill` and `recipe` work today",
         )
 
     return command
@@ -102,21 +102,51 @@ def _not_yet(stage: str, what: str):
 
 _STAGE_SECTIONS = ("layerwise", "pretrain", "unified", "distill", "export", "serve", "launch")
 
+def _training_command(stage: str):
+    @user_errors
+    def command(recipe: RecipeArg, overrides: OverridesArg = None):
+        config = _load(recipe, overrides, stage)
+        from wftool.train.stages import STAGE_RUNNERS
+
+        result = STAGE_RUNNERS[stage](config, console)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items())
+        console.print(f"[green]{stage} done[/] after {result.steps} steps: {summary}")
+        console.print(f"saved to {result.final_dir}")
+
+    return command
+
+
+for _name, _help in (
+    ("layerwise", "Stage 1.9: layer-wise hidden-state distillation from the teacher."),
+    ("pretrain", "Stage 2: continued pre-training with ternary weights (STE)."),
+    ("distill", "Stage 3: logits KL + attention relation distillation from a teacher."),
+):
+    _command = _training_command(_name)
+    _command.__doc__ = _help
+    app.command(name=_name)(_command)
+
+
 for _name, _stage, _help in (
-    ("layerwise", "layerwise", "Stage 1.9: layer-wise hidden-state distillation from the teacher."),
-    ("pretrain", "pretrain", "Stage 2: continued pre-training with ternary weights (STE)."),
     ("unified", "unified", "LM loss + masked diffusion-LM loss in one pass, curriculum, MuonClip."),
-    ("distill", "distill", "Stage 3: logits KL + attention relation distillation from a teacher."),
     ("export-gguf", "export", "Write a GGUF file (TQ1_0, TQ2_0, I2_S, F16, BF16)."),
     ("serve", "serve", "OpenAI-compatible HTTP server for a GGUF file or wft checkpoint."),
     ("launch", "launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal."),
-    ("pipeline", "pipeline", "Run the stages a recipe lists, in order, and compare to the teacher."),
     ("eval", "eval", "Perplexity and task accuracy of a checkpoint or GGUF file."),
 ):
     _command = _not_yet(_stage, _help.split(":")[0].rstrip("."))
     _command.cli_name = _name
     _command.__doc__ = _help
     app.command(name=_name)(_command)
+
+
+@app.command()
+@user_errors
+def pipeline(recipe: RecipeArg, overrides: OverridesArg = None):
+    """Run the stages a recipe lists, in order, and compare the student to the teacher."""
+    config = _load(recipe, overrides, None)
+    from wftool.commands.pipeline import run_pipeline
+
+    run_pipeline(config, console)
 
 
 @app.command()

@@ -23,7 +23,8 @@ class SyntheticLanguage:
     n_words: int = 240
     successors: int = 6  # how many words may follow a given word
     concentration: float = 0.6  # Dirichlet alpha: lower = more predictable text
-    dialect: int = 0  # same words, different transitions: what the classification task tells
+    dialect: int = 0  # same words, different transitions: a second style of the language
+    divergence: float = 0.3  # share of words whose successor probabilities differ by dialect
 
     @cached_property
     def words(self) -> list[str]:
@@ -43,12 +44,21 @@ class SyntheticLanguage:
 
     @cached_property
     def _chain(self) -> tuple[np.ndarray, np.ndarray]:
-        """Successor ids [n_words, successors] and their probabilities."""
-        rng = np.random.default_rng([self.seed, 1 + self.dialect])
+        """Successor ids [n_words, successors] and their probabilities.
+
+        Dialects share the successor sets; for a `divergence` share of words they redraw the
+        probabilities, so the corpus has two related but distinct styles.
+        """
+        rng = np.random.default_rng([self.seed, 1])
         nexts = np.stack(
             [rng.choice(self.n_words, self.successors, replace=False) for _ in range(self.n_words)]
         )
-        probs = rng.dirichlet(np.full(self.successors, self.concentration), size=self.n_words)
+        alpha = np.full(self.successors, self.concentration)
+        probs = rng.dirichlet(alpha, size=self.n_words)
+        if self.dialect:
+            rng = np.random.default_rng([self.seed, 2, self.dialect])
+            rows = rng.random(self.n_words) < self.divergence
+            probs[rows] = rng.dirichlet(alpha, size=int(rows.sum()))
         return nexts, probs
 
     def transition_matrix(self) -> np.ndarray:
@@ -69,7 +79,8 @@ class SyntheticLanguage:
         return pi / pi.sum()
 
     def entropy_rate_nats(self) -> float:
-        """Entropy per word of the stationary chain, in nats."""
+        """Entropy per word of the stationary chain, in nats: the lowest loss per word any
+        model can reach on this language's plain text."""
         p = self.transition_matrix()
         with np.errstate(divide="ignore", invalid="ignore"):
             row_entropy = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
@@ -96,30 +107,43 @@ class SyntheticLanguage:
         return self.sample_document(np.random.default_rng([seed, index]), n_words)
 
 
-TASK_LABELS = ("left", "right")  # answer text per dialect
+TASK_LABELS = ("left", "right")  # the two word classes, as answer text
 TASK_PROMPT_SUFFIX = " ->"
 
 
 @dataclass(frozen=True)
-class DialectTask:
-    """Classification: which of two dialects (same words, different grammar) wrote a text.
+class WordClassTask:
+    """Classification that needs knowledge: every word of the lexicon belongs to one of two
+    classes (a fixed random assignment, like facts about the world), and the answer is the
+    class of a passage's last word, generated as text (" left" / " right").
 
-    Each example is a prompt (text + " ->") and a generated answer (" left" / " right"), so
-    accuracy is measured the way the paper measures it: by generating the label text.
+    The pre-training corpus states these facts in annotated passages, so a model knows them
+    from pre-training; a small task fine-tuning budget cannot teach all of them again. That
+    is the situation in which ternary students lose what their teacher knew.
     """
 
     seed: int = 0
     n_words: int = 12
+    n_entities: int = 96  # the words facts are about: the language's most frequent ones
 
     @cached_property
-    def dialects(self) -> tuple[SyntheticLanguage, SyntheticLanguage]:
-        return dialect_language(0, self.seed), dialect_language(1, self.seed)
+    def word_classes(self) -> dict[str, int]:
+        language = dialect_language(0, self.seed)
+        frequency = language.stationary_distribution()
+        frequency[0] = 0.0  # "." is not an entity
+        entities = [language.words[i] for i in np.argsort(-frequency)[: self.n_entities]]
+        classes = np.random.default_rng([self.seed, 3]).integers(2, size=len(entities))
+        return dict(zip(entities, classes.tolist()))
 
     def example(self, seed: int, index: int) -> tuple[str, str]:
         rng = np.random.default_rng([seed, index, 7])
-        label = int(rng.integers(2))
-        text = self.dialects[label].sample_document(rng, self.n_words)
-        return text + TASK_PROMPT_SUFFIX, " " + TASK_LABELS[label]
+        language = dialect_language(int(rng.integers(2)), self.seed)
+        while True:  # passages that end on an entity
+            words = language.sample_words(rng, self.n_words)
+            if words[-1] in self.word_classes:
+                break
+        label = self.word_classes[words[-1]]
+        return " ".join(words) + TASK_PROMPT_SUFFIX, " " + TASK_LABELS[label]
 
 
 @lru_cache(maxsize=8)
@@ -128,5 +152,11 @@ def dialect_language(dialect: int, seed: int = 0) -> SyntheticLanguage:
 
 
 def mixed_dialect_document(seed: int, index: int, n_words: int = 64) -> str:
-    """Pre-training text for the tiny pipeline: either dialect, alternating per document."""
-    return dialect_language(index % 2).document(seed, index, n_words)
+    """Pre-training text for the tiny pipeline. Half the documents are plain text in one
+    dialect; the other half are annotated passages, each followed by the class of its last
+    word, the way web text carries the knowledge that downstream tasks later probe."""
+    if index % 2 == 0:
+        return dialect_language((index // 2) % 2).document(seed, index, n_words)
+    task = WordClassTask()
+    passages = [task.example(seed, index * 8 + k) for k in range(max(1, n_words // 16))]
+    return " ".join(prompt + answer + " ." for prompt, answer in passages)

@@ -69,6 +69,7 @@ def save_model_dir(
     final = Path(output)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _quiet_transformers()
     try:
         if meta is not None:
             setattr(model.config, CONFIG_KEY, asdict(meta))
@@ -85,6 +86,13 @@ def save_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _quiet_transformers() -> None:
+    """transformers' own per-shard progress bars only clutter wft's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def read_metadata(path: str | Path) -> TernaryMetadata:
@@ -121,6 +129,7 @@ def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device 
     path = Path(path)
     meta = read_metadata(path)
     family = family_by_name(meta.family)
+    _quiet_transformers()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the sub-norm tensors are loaded below, not by HF
     try:
@@ -147,6 +156,7 @@ def load_model_dir(path: str | Path, dtype=None, device: str | torch.device = "c
         raise WftError(f"{path} is not a model directory (no config.json)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -32,7 +32,9 @@ def build_config(spec: ModelSpec):
 def load_source_model(spec: ModelSpec):
     """(model, tokenizer, family) for the recipe's full-precision model."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if spec.config is not None:
         config = build_config(spec)
         family = family_for_model_type(config.model_type)

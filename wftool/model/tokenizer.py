@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from wftool.data.synthetic import DialectTask, SyntheticLanguage
+from wftool.data.synthetic import WordClassTask, SyntheticLanguage
 
 SYNTHETIC = "synthetic"
 EOS_TOKEN = "<|endoftext|>"
@@ -39,7 +39,7 @@ def train_synthetic_tokenizer(
         show_progress=False,
     )
     # Task prompts and labels are in the corpus so that " ->", " left", " right" are tokens.
-    task = DialectTask()
+    task = WordClassTask()
     examples = ["".join(task.example(12345, i)) for i in range(n_documents // 10)]
     backend.train_from_iterator(language.documents(n_documents, seed=12345) + examples, trainer)
     tokenizer = PreTrainedTokenizerFast(

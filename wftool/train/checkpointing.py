@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+# Single-process runs are a supported case of DCP, not something to warn about.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"

@@ -1,0 +1,158 @@
+"""From a recipe to a running stage: find the inputs, build the objective, train.
+
+Each stage finds the previous stage's `final/` by itself (layerwise <- convert,
+pretrain <- layerwise or convert, distill <- pretrain), unless `<stage>.init` says otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wftool.errors import WftError
+from wftool.model.checkpoint import load_model_dir
+from wftool.model.families import family_for_model_type
+from wftool.model.loading import load_source_model
+from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, TrainingSpec
+from wftool.train.stage_objectives import Distillation, LanguageModeling, LayerwiseDistillation
+from wftool.train.trainer import StageRun, Trainer, TrainResult
+
+PREVIOUS_STAGES = {
+    "layerwise": ("convert",),
+    "pretrain": ("layerwise", "convert"),
+    "distill": ("pretrain", "layerwise", "convert"),
+}
+
+
+def final_dir(recipe: Recipe, stage: str) -> Path:
+    if stage == "convert" and recipe.convert.output:
+        return Path(recipe.convert.output)
+    return Path(recipe.stage_dir(stage)) / "final"
+
+
+def find_init(recipe: Recipe, stage: str) -> Path:
+    """The directory a stage starts from: `<stage>.init`, else the newest previous output."""
+    explicit = getattr(recipe, stage).init
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path / "config.json").exists():
+            raise WftError(f"{stage}.init: {explicit} is not a model directory (no config.json)")
+        return path
+    for previous in PREVIOUS_STAGES[stage]:
+        candidate = final_dir(recipe, previous)
+        if (candidate / "config.json").exists():
+            return candidate
+    first = PREVIOUS_STAGES[stage][0]
+    raise WftError(
+        f"{stage} starts from the output of {first}, and {final_dir(recipe, first)} does not "
+        "exist",
+        f"run `wft {first} <recipe>` first (or `wft pipeline`), or set {stage}.init=DIR",
+    )
+
+
+def load_teacher(spec: ModelSpec | str):
+    """A frozen full-precision model and its family, from a model spec or a directory."""
+    if isinstance(spec, str):
+        path = Path(spec).expanduser()
+        if (path / "config.json").exists():
+            model, _, meta = load_model_dir(path)
+            if meta is not None:
+                raise WftError(f"teacher {spec} is a ternary student; a teacher must be full "
+                               "precision")
+        else:
+            model, _, _ = load_source_model(ModelSpec(name_or_path=spec))
+    else:
+        model, _, _ = load_source_model(spec)
+    model.requires_grad_(False).eval()
+    return model, family_for_model_type(model.config.model_type)
+
+
+def _load_student(path: Path):
+    model, tokenizer, meta = load_model_dir(path)
+    if meta is None:
+        raise WftError(f"{path} is a full-precision model; convert it first with `wft convert`")
+    return model, tokenizer, meta
+
+
+def _check_vocab(student, teacher) -> None:
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise WftError(
+            f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
+            f"({student.config.vocab_size}); logits distillation needs the same tokenizer"
+        )
+
+
+def _train(run: StageRun, console) -> TrainResult:
+    trainer = Trainer(run, console)
+    trainer.setup()
+    return trainer.train()
+
+
+def run_pretrain(recipe: Recipe, console=None, *, output_dir: Path | None = None,
+                 stage_label: str = "pretrain", init: Path | None = None,
+                 training: TrainingSpec | None = None, data: DataSpec | None = None,
+                 quantize: bool | None = None) -> TrainResult:
+    """Continued pre-training (CE). With quantization off it trains a full-precision model
+    from the recipe's `model` (how a teacher is made)."""
+    stage = recipe.pretrain
+    quantize = stage.quantize if quantize is None else quantize
+    if quantize:
+        model, tokenizer, meta = _load_student(init or find_init(recipe, "pretrain"))
+    elif init is not None or stage.init:
+        model, tokenizer, meta = load_model_dir(init or stage.init)
+        if meta is not None:
+            raise WftError("pretrain.quantize=false needs a full-precision model as init")
+    else:
+        model, tokenizer, _ = load_source_model(recipe.model)
+        meta = None
+    run = StageRun(
+        recipe=recipe, stage=stage_label,
+        output_dir=output_dir or Path(recipe.stage_dir("pretrain")),
+        model=model, tokenizer=tokenizer, objective=LanguageModeling(),
+        training=training or stage.training, data=data or stage.data or recipe.data,
+        resume=stage.resume, meta=meta,
+        warmup_steps=recipe.quantization.warmup_steps if meta is not None else 0,
+    )
+    return _train(run, console)
+
+
+def run_layerwise(recipe: Recipe, console=None) -> TrainResult:
+    stage = recipe.layerwise
+    model, tokenizer, meta = _load_student(find_init(recipe, "layerwise"))
+    teacher, _ = load_teacher(recipe.model)
+    _check_vocab(model, teacher)
+    if teacher.config.num_hidden_layers != model.config.num_hidden_layers:
+        raise WftError("layer-wise distillation needs a teacher with the student's layer count")
+    objective = LayerwiseDistillation(teacher, stage, model.config.num_hidden_layers)
+    run = StageRun(
+        recipe=recipe, stage="layerwise", output_dir=Path(recipe.stage_dir("layerwise")),
+        model=model, tokenizer=tokenizer, objective=objective, training=stage.training,
+        data=stage.data or recipe.data, resume=stage.resume, meta=meta,
+        warmup_steps=recipe.quantization.warmup_steps, extra_modules=[teacher],
+    )
+    return _train(run, console)
+
+
+def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = None) -> TrainResult:
+    stage = recipe.distill
+    model, tokenizer, meta = _load_student(find_init(recipe, "distill"))
+    source = teacher_source or recipe.teacher.name_or_path
+    teacher, teacher_family = load_teacher(source if source else recipe.model)
+    _check_vocab(model, teacher)
+    student_family = family_for_model_type(model.config.model_type)
+    try:
+        objective = Distillation(
+            teacher, stage, student_family, teacher_family,
+            model.config.num_hidden_layers, teacher.config.num_hidden_layers,
+        )
+    except ValueError as err:
+        raise WftError(f"distill.attention_layer: {err}") from None
+    run = StageRun(
+        recipe=recipe, stage="distill", output_dir=Path(recipe.stage_dir("distill")),
+        model=model, tokenizer=tokenizer, objective=objective, training=stage.training,
+        data=stage.data or recipe.data, resume=stage.resume, meta=meta,
+        extra_modules=[teacher],
+    )
+    return _train(run, console)
+
+
+STAGE_RUNNERS = {"pretrain": run_pretrain, "layerwise": run_layerwise, "distill": run_distill}
