@@ -117,6 +117,17 @@ def collate_examples(examples: list[tuple[list[int], list[int]]], pad_id: int) -
     }
 
 
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments a Hugging Face causal LM takes for a batch.
+
+    No KV cache: transformers keeps packed documents apart (from the position ids) only when
+    no cache is passed, and training never needs one.
+    """
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    inputs["use_cache"] = False
+    return inputs
+
+
 def build_stream(spec, tokenizer, split: str = "train", rank: int = 0, world_size: int = 1):
     """The batch stream for a recipe data section."""
     mixer = DocumentMixer(spec, split, rank, world_size)

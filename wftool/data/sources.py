@@ -108,7 +108,7 @@ def _row_converter(columns, fmt: str, source: DataSource):
             )
     if fmt == "task":
         return lambda row: (str(row[source.prompt_field]), str(row[source.answer_field]))
-    return lambda row: str(row[source.text_field])
+    return lambda row: str(row[source.text_field]).strip()
 
 
 def expand_files(patterns: list[str]) -> list[str]:

@@ -19,7 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -125,12 +128,12 @@ class CheckpointManager:
         try:
             trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
             rank_state = torch.load(path / f"rank{_rank()}.pt", weights_only=False)
-            model_state, optim_state = get_state_dict(model, optimizers)
-            state = {"model": model_state}
+            # Asking for optimizer state initialises it, so only do that when loading it.
+            state = {"model": get_model_state_dict(model)}
             if load_optimizer:
-                state["optim"] = optim_state
+                state["optim"] = get_optimizer_state_dict(model, optimizers)
             dcp.load(state, checkpoint_id=path / "state")
-        except Exception as err:  # any unreadable piece makes the whole step unusable
+        except (Exception, CheckpointException) as err:  # any bad piece spoils the step
             raise CorruptCheckpoint(f"{path}: {type(err).__name__}: {err}") from err
         set_model_state_dict(model, state["model"])
         if load_optimizer:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from wftool.data.packing import IGNORE_INDEX, build_stream
+from wftool.data.packing import IGNORE_INDEX, build_stream, model_inputs
 from wftool.recipe.schema import DataSpec
 from wftool.train.objectives import causal_lm_loss
 
@@ -49,9 +49,8 @@ def evaluate_model(model, batches: list[dict], task: bool, device=None, autocast
     total_loss, total_tokens, correct, judged = 0.0, 0, 0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         with autocast():
-            logits = model(**inputs).logits
+            logits = model(**model_inputs(batch)).logits
         labels = batch["labels"]
         n = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
         total_loss += causal_lm_loss(logits, labels).item() * n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wftool.data.packing import model_inputs
 from wftool.model.families import Family
 from wftool.recipe.schema import DistillStage, LayerwiseStage
 from wftool.train.capture import capture_qkv
@@ -16,15 +17,11 @@ from wftool.train.objectives import (
 )
 
 
-def _inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-
-
 class LanguageModeling:
     """`pretrain` (and task fine-tuning): next-token CE on the labelled tokens."""
 
     def __call__(self, model, batch, progress):
-        logits = model(**_inputs(batch)).logits
+        logits = model(**model_inputs(batch)).logits
         loss = causal_lm_loss(logits, batch["labels"])
         return loss, {"ce": loss.item()}
 
@@ -40,7 +37,7 @@ class LayerwiseDistillation:
         self.weights = layer_weights(n_layers, spec.layer_weighting)
 
     def __call__(self, model, batch, progress):
-        inputs = _inputs(batch)
+        inputs = model_inputs(batch)
         out = model(**inputs, output_hidden_states=True)
         with torch.no_grad():
             teacher_hidden = self.teacher(**inputs, output_hidden_states=True).hidden_states
@@ -72,7 +69,7 @@ class Distillation:
         self.teacher_layer = _layer_index(spec.attention_layer, teacher_layers)
 
     def __call__(self, model, batch, progress):
-        inputs = _inputs(batch)
+        inputs = model_inputs(batch)
         spec = self.spec
         mask = batch.get("attention_mask")
         use_relations = spec.attention_weight > 0

@@ -125,7 +125,8 @@ class Trainer:
 
     def _resume(self) -> int | None:
         """Load the newest usable checkpoint; a corrupt one is reported and skipped."""
-        for path in self.checkpoints.complete_steps():
+        candidates = self.checkpoints.complete_steps()
+        for path in candidates:
             try:
                 state, data_state = self.checkpoints.load(
                     path, self.model, self.optimizers, self.schedulers,
@@ -140,6 +141,13 @@ class Trainer:
             self.train_stream.load_state_dict(data_state)
             self._say(f"resumed {self.run.stage} from {path} (step {self.step})")
             return self.step
+        if candidates:
+            # A failed load may have half-written the weights: never train on from those.
+            raise WftError(
+                f"no usable checkpoint in {self.run.output_dir} (all {len(candidates)} are "
+                "corrupt)",
+                f"move that directory away, or set {self.run.stage}.resume.mode=never",
+            )
         return None
 
     # ---- training ------------------------------------------------------------------------
