@@ -1,6 +1,6 @@
 # Set-up and everyday commands. Each target creates .venv/ on first use.
 #
-#   make demo   # install, then convert the built-in tiny model and print what changed
+#   make demo   # install, then run the whole BitDistill pipeline on the tiny recipe
 #   make test   # install, then run the test suite
 #
 # CPU machines install the CPU build of torch through constraints/cpu.txt. On a GPU machine
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/wft convert tiny --force
+	$(BIN)/wft pipeline tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

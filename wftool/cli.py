@@ -94,7 +94,7 @@ def _not_yet(stage: str, what: str):
         raise WftError(
             f"`wft {command.cli_name}` is not available yet in wft {_version()}: {what} "
             "is still being built",
-            "`wft convert`, `layerwise`, `pretrain`, `distill` and `recipe` work today",
+            "available today: convert, layerwise, pretrain, distill, pipeline, recipe, doctor",
         )
 
     return command

@@ -113,3 +113,18 @@ def test_word_class_task_is_balanced_and_deterministic():
     prompt, answer = task.example(0, 1)
     last = prompt.removesuffix(" ->").split()[-1]
     assert answer.strip() == ("left", "right")[task.word_classes[last]]
+
+
+def test_classification_rows_become_prompt_and_label_text(tmp_path):
+    rows = [{"premise": "p1", "hypothesis": "h1", "label": 2}]
+    (tmp_path / "nli.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    source = DataSource(
+        files=[str(tmp_path / "nli.jsonl")], answer_field="label",
+        prompt_template="Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:",
+        label_names=["entailment", "neutral", "contradiction"],
+    )
+    _, document = next(open_reader(source, "task", 0).iter_from(0))
+    assert document == ("Premise: p1\nHypothesis: h1\nAnswer:", " contradiction")
+    bad = source.model_copy(update={"label_names": ["yes"]})
+    with pytest.raises(WftError, match="no entry in label_names"):
+        next(open_reader(bad, "task", 0).iter_from(0))

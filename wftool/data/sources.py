@@ -97,7 +97,12 @@ def _describe(source: DataSource) -> str:
 
 
 def _row_converter(columns, fmt: str, source: DataSource):
-    needed = [source.prompt_field, source.answer_field] if fmt == "task" else [source.text_field]
+    if fmt == "task":
+        needed = [source.answer_field]
+        if source.prompt_template is None:
+            needed.append(source.prompt_field)
+    else:
+        needed = [source.text_field]
     if columns is not None:
         missing = [c for c in needed if c not in columns]
         if missing:
@@ -107,8 +112,32 @@ def _row_converter(columns, fmt: str, source: DataSource):
                 "set text_field (or prompt_field / answer_field) in the data source",
             )
     if fmt == "task":
-        return lambda row: (str(row[source.prompt_field]), str(row[source.answer_field]))
+        return lambda row: (_prompt(row, source), _answer(row, source))
     return lambda row: str(row[source.text_field]).strip()
+
+
+def _prompt(row: dict, source: DataSource) -> str:
+    if source.prompt_template is None:
+        return str(row[source.prompt_field])
+    try:
+        return source.prompt_template.format(**row)
+    except KeyError as err:
+        raise WftError(
+            f"prompt_template of {_describe(source)} names column {err}, which rows lack"
+        ) from None
+
+
+def _answer(row: dict, source: DataSource) -> str:
+    value = row[source.answer_field]
+    if source.label_names is None:
+        return str(value)
+    try:
+        return " " + source.label_names[int(value)]
+    except (IndexError, ValueError, TypeError):
+        raise WftError(
+            f"label {value!r} of {_describe(source)} has no entry in label_names "
+            f"({len(source.label_names)} names)"
+        ) from None
 
 
 def expand_files(patterns: list[str]) -> list[str]:

@@ -88,6 +88,16 @@ class DataSource(Section):
     text_field: str = Field("text", description="Column holding the text (format: text).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (format: task).")
     answer_field: str = Field("answer", description="Column holding the answer (format: task).")
+    prompt_template: str | None = Field(
+        None,
+        description="Build the prompt from columns, e.g. 'Premise: {premise}\nHypothesis: "
+        "{hypothesis}\nAnswer:' (format: task; replaces prompt_field).",
+    )
+    label_names: list[str] | None = Field(
+        None,
+        description="Answer text per integer label, e.g. [entailment, neutral, contradiction]; "
+        "the model generates ' <name>' (format: task).",
+    )
     streaming: bool = Field(False, description="Stream instead of downloading (large corpora).")
     weight: PositiveFloat = Field(1.0, description="Share of this source in the mix.")
 

@@ -1,0 +1,54 @@
+"""`wft pipeline` end to end on a 2-layer model: every stage, the teacher and the baseline."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.train.conftest import small_recipe
+from wftool.cli import app
+
+SHORT = {"max_steps": 4, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 1,
+         "save_every": 2, "eval_every": 2}
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_reports_a_table(tmp_path):
+    recipe = small_recipe(tmp_path, teacher={"train": {"pretrain": SHORT, "finetune": SHORT}})
+    result = CliRunner().invoke(app, ["pipeline", recipe])
+    assert result.exit_code == 0, result.output
+    runs = tmp_path / "runs" / "small"
+    for stage in ("teacher-base", "teacher-sft", "convert", "layerwise", "pretrain", "distill",
+                  "baseline/sft"):
+        assert (runs / stage / "final" / "config.json").exists() or (
+            runs / stage / "config.json").exists(), stage
+    table = json.loads((runs / "pipeline.json").read_text())
+    labels = [row["model"] for row in table]
+    assert labels == ["teacher (FP, pre-trained)", "teacher (FP16-SFT)", "student after convert",
+                      "student after layerwise", "student after pretrain", "BitDistill student",
+                      "BitNet-SFT baseline"]
+    for row in table:
+        assert row["text_loss"] > 0 and 0.0 <= row["task_accuracy"] <= 1.0
+    assert "BitNet-SFT baseline" in result.output
+    # The distill teacher is the fine-tuned one the pipeline trained.
+    distill_recipe = (runs / "distill" / "final" / "recipe.yaml").read_text()
+    assert str(runs / "teacher-sft" / "final") in distill_recipe
+
+
+def test_training_command_reports_missing_previous_stage(tmp_path):
+    recipe = small_recipe(tmp_path)
+    result = CliRunner().invoke(app, ["layerwise", recipe])
+    assert result.exit_code == 2
+    assert "run `wft convert" in result.output and "Traceback" not in result.output
+
+
+def test_pretrain_command_runs_with_overrides(tmp_path):
+    recipe = small_recipe(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(app, ["convert", recipe]).exit_code == 0
+    result = runner.invoke(app, ["pretrain", recipe, "training.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert "pretrain done after 2 steps" in result.output
+    metrics = (tmp_path / "runs" / "small" / "pretrain" / "metrics.jsonl").read_text()
+    assert len(metrics.splitlines()) == 2
