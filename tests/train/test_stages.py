@@ -168,3 +168,40 @@ def test_all_checkpoints_corrupt_is_a_clear_error(recipe_file):
     with pytest.raises(WftError, match="no usable checkpoint") as err:
         _trainer(recipe)
     assert "resume.mode=never" in str(err.value)
+
+
+def test_sync_to_uploads_finals_and_later_stages_fetch_them(tmp_path):
+    import fsspec
+
+    from tests.train.conftest import small_recipe
+
+    url = f"memory://wft-test-{tmp_path.name}"
+    recipe = load_recipe(small_recipe(tmp_path), [f"sync_to={url}"])
+    run_convert(recipe)
+    fs = fsspec.filesystem("memory")
+    remote_final = f"{url}/small/convert/final"
+    assert fs.exists(remote_final + "/config.json")
+    # The local copy is gone (a new cloud machine): layerwise finds the remote one.
+    import shutil
+
+    shutil.rmtree(_stage_dir(recipe, "convert"))
+    init = find_init(recipe, "layerwise")
+    assert (init / "model.safetensors").exists() and init.name == "init"
+    explicit = load_recipe(small_recipe(tmp_path), [f"pretrain.init={remote_final}"])
+    assert (find_init(explicit, "pretrain") / "config.json").exists()
+
+
+def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from tests.train.conftest import small_recipe
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
+    recipe = load_recipe(small_recipe(tmp_path), ["logging.wandb=true",
+                                                  "pretrain.training.max_steps=2"])
+    run_convert(recipe)
+    run_pretrain(recipe)
+    runs = list((tmp_path / "wandb").rglob("offline-run-*"))
+    assert runs, "no offline W&B run was written"
+    assert runs[0].name.startswith("offline-run-")

@@ -14,6 +14,7 @@ from wftool.model.families import bitnet_gguf_blockers
 from wftool.model.loading import load_source_model
 from wftool.model.surgery import ConversionReport, convert_to_bitnet
 from wftool.recipe.schema import Recipe
+from wftool.train.remote import stage_url, upload_dir
 
 # Storage per weight: latent fp32 for training vs the packed TQ2_0 export.
 _TQ2_0_BITS = 2.0625
@@ -46,6 +47,8 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
         sub_norm_eps = _first_sub_norm_eps(model)
     meta = TernaryMetadata(family.name, stage.sub_norm, sub_norm_eps)
     save_model_dir(model, tokenizer, output, meta)
+    if recipe.sync_to:
+        upload_dir(output, stage_url(recipe.sync_to, recipe.name, "convert"))
     blockers = bitnet_gguf_blockers(family, model.config, stage.sub_norm)
     return ConvertResult(output, report, family.name, blockers)
 

@@ -263,6 +263,12 @@ class Recipe(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (runs/<name>/...).")
     description: str | None = None
     output_dir: str = "runs"
+    sync_to: str | None = Field(
+        None,
+        description="Also copy every stage's final/ to this fsspec URL (gs://bucket/dir, "
+        "s3://..., hf://user/repo); later stages fetch from there when the local copy is "
+        "missing.",
+    )
     model: ModelSpec
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)

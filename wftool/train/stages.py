@@ -13,6 +13,7 @@ from wftool.model.checkpoint import load_model_dir
 from wftool.model.families import family_for_model_type
 from wftool.model.loading import load_source_model
 from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, TrainingSpec
+from wftool.train.remote import fetch_dir, is_remote, stage_url
 from wftool.train.stage_objectives import Distillation, LanguageModeling, LayerwiseDistillation
 from wftool.train.trainer import StageRun, Trainer, TrainResult
 
@@ -30,9 +31,13 @@ def final_dir(recipe: Recipe, stage: str) -> Path:
 
 
 def find_init(recipe: Recipe, stage: str) -> Path:
-    """The directory a stage starts from: `<stage>.init`, else the newest previous output."""
+    """The directory a stage starts from: `<stage>.init`, else the newest previous output
+    (local, or fetched from `sync_to` when only the remote copy exists)."""
     explicit = getattr(recipe, stage).init
+    cache = Path(recipe.stage_dir(stage)) / "init"
     if explicit:
+        if is_remote(explicit):
+            return fetch_dir(explicit, cache)
         path = Path(explicit).expanduser()
         if not (path / "config.json").exists():
             raise WftError(f"{stage}.init: {explicit} is not a model directory (no config.json)")
@@ -41,6 +46,13 @@ def find_init(recipe: Recipe, stage: str) -> Path:
         candidate = final_dir(recipe, previous)
         if (candidate / "config.json").exists():
             return candidate
+    if recipe.sync_to:
+        for previous in PREVIOUS_STAGES[stage]:
+            url = stage_url(recipe.sync_to, recipe.name, previous)
+            try:
+                return fetch_dir(url, cache)
+            except WftError:
+                continue
     first = PREVIOUS_STAGES[stage][0]
     raise WftError(
         f"{stage} starts from the output of {first}, and {final_dir(recipe, first)} does not "

@@ -28,6 +28,7 @@ from wftool.train.checkpointing import CheckpointManager, CorruptCheckpoint
 from wftool.train.metrics import MetricsLog, ProgressDisplay, WandbSink, peak_memory_gb
 from wftool.train.evaluation import eval_batches, evaluate_model
 from wftool.train.optim import build_optimizers, build_schedulers
+from wftool.train.remote import stage_url, upload_dir
 
 # objective(model, batch, progress in [0, 1]) -> (loss, {part name: value})
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
@@ -253,6 +254,9 @@ class Trainer:
                 yaml.safe_dump(self.run.recipe.model_dump(mode="json", by_alias=True),
                                sort_keys=False))
             (final / "eval.json").write_text(json.dumps(self.last_eval, indent=2))
+            if self.run.recipe.sync_to:
+                upload_dir(final, stage_url(self.run.recipe.sync_to, self.run.recipe.name,
+                                            self.run.stage))
         if dist.is_initialized():
             dist.barrier()
         return final
