@@ -56,3 +56,14 @@ def median_step_seconds(step, n: int) -> float:
         step()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def compare(contenders: dict, steps: int, rounds: int) -> dict[str, float]:
+    """Best-of-rounds median step time of each contender, run alternately after a warm-up."""
+    for step in contenders.values():
+        step()
+    seconds = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, step in contenders.items():
+            seconds[name].append(median_step_seconds(step, steps))
+    return {name: min(values) for name, values in seconds.items()}

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from _setup import build_model, make_trainer, median_step_seconds, tokenizer
+from _setup import build_model, compare, make_trainer, tokenizer
 from wftool.model.checkpoint import TernaryMetadata
 from wftool.model.families import FAMILIES
 from wftool.recipe.schema import DataSpec, DistillStage
@@ -35,21 +35,16 @@ def main() -> None:
     distill = Distillation(teacher, DistillStage(attention_layer=-1), family, family, 4, 4)
     contenders = {
         "student only (CE)": make_trainer(build_model(ternary=True), tok, LanguageModeling(),
-                                          data, args.batch, meta)._train_step,
+                                          data, args.batch, meta).train_step,
         "distill (CE + KL + relations)": make_trainer(build_model(ternary=True), tok, distill,
-                                                      data, args.batch, meta)._train_step,
+                                                      data, args.batch, meta).train_step,
     }
-    for step in contenders.values():
-        step()
-    seconds = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, step in contenders.items():
-            seconds[name].append(median_step_seconds(step, args.steps))
-    base = min(seconds["student only (CE)"])
+    seconds = compare(contenders, args.steps, args.rounds)
+    base = seconds["student only (CE)"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
           f"batch {args.batch} x {args.seq_len} tokens")
-    for name, values in seconds.items():
-        print(f"{name:32} {min(values):>8.3f} s/step   ratio {min(values) / base:.3f}")
+    for name, best in seconds.items():
+        print(f"{name:32} {best:>8.3f} s/step   ratio {best / base:.3f}")
     print("target: distill / student only <= 1.5")
 
 

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from _setup import build_model, make_trainer, median_step_seconds, tokenizer
+from _setup import build_model, compare, make_trainer, tokenizer
 from wftool.model.checkpoint import TernaryMetadata
 from wftool.recipe.schema import DataSpec
 from wftool.train.stage_objectives import LanguageModeling
@@ -51,23 +51,17 @@ def main() -> None:
         "plain transformers loop (FP)": plain_loop(build_model(), args.batch, args.seq_len,
                                                    len(tok)),
         "wft pretrain (FP)": make_trainer(build_model(), tok, LanguageModeling(), data,
-                                          args.batch)._train_step,
+                                          args.batch).train_step,
         "wft pretrain (ternary)": make_trainer(
             build_model(ternary=True), tok, LanguageModeling(), data, args.batch,
-            meta=TernaryMetadata("llama", "none", None))._train_step,
+            meta=TernaryMetadata("llama", "none", None)).train_step,
     }
-    for step in contenders.values():  # warm-up
-        step()
-    seconds = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, step in contenders.items():
-            seconds[name].append(median_step_seconds(step, args.steps))
-    base = min(seconds["plain transformers loop (FP)"])
+    seconds = compare(contenders, args.steps, args.rounds)
+    base = seconds["plain transformers loop (FP)"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
           f"batch {args.batch} x {args.seq_len} tokens")
     print(f"{'':32} {'s/step':>8} {'tokens/s':>10} {'vs plain':>9}")
-    for name, values in seconds.items():
-        best = min(values)
+    for name, best in seconds.items():
         print(f"{name:32} {best:>8.3f} {tokens / best:>10,.0f} {base / best:>9.3f}")
     print("target: wft pretrain (FP) vs plain >= 0.9")
 

@@ -152,11 +152,11 @@ def dialect_language(dialect: int, seed: int = 0) -> SyntheticLanguage:
 
 
 def mixed_dialect_document(seed: int, index: int, n_words: int = 64) -> str:
-    """Pre-training text for the tiny pipeline. Half the documents are plain text in one
-    dialect; the other half are annotated passages, each followed by the class of its last
+    """Pre-training text for the tiny pipeline. A quarter of the documents are plain text in
+    one dialect; the rest are annotated passages, each followed by the class of its last
     word, the way web text carries the knowledge that downstream tasks later probe."""
-    if index % 2 == 0:
-        return dialect_language((index // 2) % 2).document(seed, index, n_words)
+    if index % 4 == 0:
+        return dialect_language((index // 4) % 2).document(seed, index, n_words)
     task = WordClassTask()
     passages = [task.example(seed, index * 8 + k) for k in range(max(1, n_words // 16))]
     return " ".join(prompt + answer + " ." for prompt, answer in passages)

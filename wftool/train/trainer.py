@@ -158,7 +158,7 @@ class Trainer:
                                   self.step, spec.log_every, self.console)
         try:
             while self.step < spec.max_steps:
-                record = self._train_step()
+                record = self.train_step()
                 self.step += 1
                 record["step"] = self.step
                 if self.step % spec.eval_every == 0 or self.step == spec.max_steps:
@@ -180,7 +180,8 @@ class Trainer:
             self.last_eval = self.evaluate()
         return TrainResult(self.save_final(), self.step, self.last_eval)
 
-    def _train_step(self) -> dict:
+    def train_step(self) -> dict:
+        """One optimizer step (gradient accumulation included); returns its metrics."""
         spec, run = self.spec, self.run
         progress = self.step / max(spec.max_steps - 1, 1)
         if run.warmup_steps and run.meta is not None:
