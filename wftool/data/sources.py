@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wftool.data.synthetic import WordClassTask, mixed_dialect_document
+from wftool.data.synthetic import mixed_dialect_document, word_class_task
 from wftool.errors import WftError
 from wftool.recipe.schema import DataSource, DataSpec
 
@@ -32,7 +32,7 @@ class Reader:
 
 class SyntheticReader(Reader):
     def __init__(self, fmt: str, seed: int):
-        self.fmt, self.seed, self.task = fmt, seed, WordClassTask()
+        self.fmt, self.seed, self.task = fmt, seed, word_class_task()
 
     def iter_from(self, start):
         index = start
