@@ -20,10 +20,13 @@ MODEL = dict(model_type="llama", vocab_size=2048, hidden_size=512, intermediate_
              max_position_embeddings=1024, tie_word_embeddings=True)
 
 
-def build_model(seed: int = 0, ternary: bool = False):
+def build_model(seed: int = 0, ternary: bool = False, hidden: int | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     values = dict(MODEL)
+    if hidden:  # same shape family, wider: FFN 3x, 64-dim heads
+        values.update(hidden_size=hidden, intermediate_size=3 * hidden,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128)
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
