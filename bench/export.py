@@ -1,0 +1,57 @@
+"""Ternary packing speed: wft's TQ1_0 / TQ2_0 packers vs gguf-py's own quantizer.
+
+Both start from the same ternarized 4096 x 4096 weight: wft packs the int8 codes, gguf-py
+quantizes the float tensor `codes` (what it would have to be given). The bytes must be
+identical. Throughput counts the weight's fp32 size (64 MiB). Target: >= 2x.
+
+    python bench/export.py [--size 4096] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from wftool.export.ternary_packing import pack_tq1_0, pack_tq2_0
+from wftool.quant.ternary import ternarize
+
+
+def _seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    weight = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
+    codes = ternarize(weight).codes.numpy()
+    as_float = codes.astype(np.float32)
+    megabytes = weight.numel() * 4 / 2**20
+    print(f"{args.size}x{args.size} weight ({megabytes:.0f} MiB fp32), median of {args.repeats}")
+    print(f"{'type':6} {'gguf-py MB/s':>13} {'wft MB/s':>10} {'speed-up':>9} {'bytes':>10}")
+    for name, pack, qtype in (("TQ2_0", pack_tq2_0, GGMLQuantizationType.TQ2_0),
+                              ("TQ1_0", pack_tq1_0, GGMLQuantizationType.TQ1_0)):
+        ours = pack(codes)
+        reference = quants.quantize(as_float, qtype)
+        same = "identical" if np.array_equal(ours, reference) else "DIFFERENT"
+        ref_s = _seconds(lambda: quants.quantize(as_float, qtype), args.repeats)
+        our_s = _seconds(lambda: pack(codes), args.repeats)
+        print(f"{name:6} {megabytes / ref_s:>13.0f} {megabytes / our_s:>10.0f} "
+              f"{ref_s / our_s:>9.2f} {same:>10}")
+    print("target: speed-up >= 2")
+
+
+if __name__ == "__main__":
+    main()

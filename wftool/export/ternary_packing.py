@@ -1,0 +1,92 @@
+"""Ternary codes -> the byte layouts of GGUF's TQ1_0 / TQ2_0 and BitNet.cpp's I2_S.
+
+The input is always `ternarize(W).codes` (int8 in {-1, 0, 1}), never latent weights. TQ
+blocks get d = 1 (0 for an all-zero block, as llama.cpp's own quantizer writes it), so the
+per-tensor delta travels separately as an F32 `.scale` tensor and is not rounded to fp16.
+The bytes equal what gguf-py's quantizer writes for the float tensor `codes`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK_K = 256  # values per TQ block
+TQ2_0_BLOCK_BYTES = 66  # 64 bytes of 2-bit codes + fp16 d
+TQ1_0_BLOCK_BYTES = 54  # 48 bytes of base-3 codes + fp16 d
+I2_S_GROUP = 128  # values per 32-byte I2_S group (x86 layout)
+I2_S_TAIL_BYTES = 32  # trailing bytes; the first 4 hold the fp32 delta
+
+# A base-3 number x in [0, 243) is stored as ceil(x * 256 / 243), so the decoder can take
+# digits with a multiply and a shift; a table does that division once for all 243 values.
+_BASE3_TO_BYTE = ((np.arange(243, dtype=np.uint32) * 256 + 242) // 243).astype(np.uint8)
+
+
+def _blocks(codes: np.ndarray) -> tuple[np.ndarray, int]:
+    codes = np.asarray(codes)
+    if codes.dtype != np.int8:
+        raise TypeError(f"ternary codes must be int8, got {codes.dtype}")
+    if codes.ndim != 2 or codes.shape[1] % QK_K:
+        raise ValueError(
+            f"TQ types need rows of a multiple of {QK_K} values; got shape {codes.shape}"
+        )
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise ValueError("codes must be in {-1, 0, 1}")
+    blocks = codes.reshape(-1, QK_K)
+    return blocks, codes.shape[0]
+
+
+def _block_scales(blocks: np.ndarray) -> np.ndarray:
+    """fp16 d per block as 2 bytes: 1.0, or 0.0 where the block is all zeros."""
+    d = np.any(blocks != 0, axis=1).astype(np.float16)
+    return d.reshape(-1, 1).view(np.uint8)
+
+
+def pack_tq2_0(codes: np.ndarray) -> np.ndarray:
+    """[rows, cols] int8 codes -> [rows, cols / 256 * 66] bytes of TQ2_0."""
+    blocks, rows = _blocks(codes)
+    q = (blocks + 1).astype(np.uint8).reshape(-1, 2, 4, 32)
+    packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    out = np.concatenate([packed.reshape(-1, 64), _block_scales(blocks)], axis=1)
+    return out.reshape(rows, -1)
+
+
+def pack_tq1_0(codes: np.ndarray) -> np.ndarray:
+    """[rows, cols] int8 codes -> [rows, cols / 256 * 54] bytes of TQ1_0 (base-3, 5 per byte)."""
+    blocks, rows = _blocks(codes)
+    q = (blocks + 1).astype(np.uint8)
+    base3 = np.concatenate(
+        [
+            _horner(q[:, :160].reshape(-1, 5, 32), 5),
+            _horner(q[:, 160:240].reshape(-1, 5, 16), 5),
+            # The last 16 values: 4 digits per byte, padded with a 0 digit (times 3).
+            _horner(q[:, 240:].reshape(-1, 4, 4), 4) * np.uint8(3),
+        ],
+        axis=1,
+    )
+    out = np.concatenate([_BASE3_TO_BYTE[base3], _block_scales(blocks)], axis=1)
+    return out.reshape(rows, -1)
+
+
+def _horner(digits: np.ndarray, n: int) -> np.ndarray:
+    """sum_k digits[:, k] * 3^(n-1-k) in uint8 (at most 242, so it never overflows)."""
+    value = digits[:, 0].copy()
+    for k in range(1, n):
+        value *= np.uint8(3)
+        value += digits[:, k]
+    return value
+
+
+def pack_i2_s(codes: np.ndarray, delta: float) -> np.ndarray:
+    """All codes of a tensor -> BitNet.cpp's x86 I2_S bytes: 2 bits per value, each group of
+    128 values in 32 bytes (byte j holds values j, j+32, j+64, j+96 from the high bits
+    down), then a 32-byte tail whose first 4 bytes are the fp32 delta."""
+    flat = np.asarray(codes).reshape(-1)
+    if flat.dtype != np.int8:
+        raise TypeError(f"ternary codes must be int8, got {flat.dtype}")
+    if flat.size % I2_S_GROUP:
+        raise ValueError(f"I2_S needs a multiple of {I2_S_GROUP} values; got {flat.size}")
+    q = (flat + 1).astype(np.uint8).reshape(-1, 4, 32)
+    packed = (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3]
+    tail = np.zeros(I2_S_TAIL_BYTES, dtype=np.uint8)
+    tail[:4] = np.array([delta], dtype="<f4").view(np.uint8)
+    return np.concatenate([packed.reshape(-1), tail])
