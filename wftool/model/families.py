@@ -43,6 +43,22 @@ class Family:
     )
     # Why no upstream llama.cpp architecture with sub-norms can hold this family, if so.
     bitnet_gguf_blocker: str | None = None
+    # Per-layer module path -> llama.cpp `bitnet` tensor name (blk.N.<name>).
+    bitnet_layer_tensors: tuple[tuple[str, str], ...] = (
+        ("input_layernorm", "attn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.attn_sub_norm", "attn_sub_norm"),
+        ("self_attn.o_proj", "attn_output"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.ffn_sub_norm", "ffn_sub_norm"),
+        ("mlp.down_proj", "ffn_down"),
+    )
+    embeddings: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
 
     def projections(self) -> tuple[tuple[str, str], ...]:
         """(block attribute, projection name) for every projection BitLinear replaces."""

@@ -1,0 +1,73 @@
+"""A tiny Llama student written for llama.cpp's `bitnet` architecture, read back exactly."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_llama
+from wftool.export.gguf_bitnet import bitnet_export_problems, write_bitnet_gguf
+from wftool.export.validate import check_gguf_tensors
+from wftool.model.families import FAMILIES
+from wftool.model.surgery import convert_to_bitnet
+from wftool.model.tokenizer import train_synthetic_tokenizer
+
+
+@pytest.fixture(scope="module")
+def student():
+    model = tiny_llama(vocab_size=512, hidden_size=256, intermediate_size=512,
+                       num_attention_heads=4, num_key_value_heads=2)
+    convert_to_bitnet(model, FAMILIES["llama"])
+    return model, train_synthetic_tokenizer(512)
+
+
+@pytest.mark.parametrize("export_type", ["tq2_0", "tq1_0", "f16", "bf16"])
+def test_export_reads_back_exactly(tmp_path, student, export_type):
+    from gguf import GGUFReader
+
+    model, tokenizer = student
+    family = FAMILIES["llama"]
+    assert bitnet_export_problems(model, family, "paper", 1.0, export_type) == []
+    path = tmp_path / f"m-{export_type}.gguf"
+    written = write_bitnet_gguf(model, tokenizer, family, export_type, path)
+    assert check_gguf_tensors(path, model, family, written) == []
+    reader = GGUFReader(str(path))
+    fields = reader.fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    assert arch == "bitnet"
+    assert int(fields["bitnet.block_count"].parts[-1][0]) == 2
+    assert len(fields["tokenizer.ggml.tokens"].data) == 512
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "output_norm.weight", "blk.0.attn_sub_norm.weight",
+            "blk.1.ffn_sub_norm.weight", "blk.0.attn_q.scale"} <= names
+    assert "output.weight" not in names  # tied embeddings only
+
+
+def test_corrupted_file_is_caught_by_the_read_back(tmp_path, student):
+    model, tokenizer = student
+    family = FAMILIES["llama"]
+    path = tmp_path / "m.gguf"
+    written = write_bitnet_gguf(model, tokenizer, family, "tq2_0", path)
+    # Flip the codes of one tensor in the file: the read-back must notice.
+    from gguf import GGUFReader
+
+    tensor = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.0.attn_q.weight")
+    data = bytearray(path.read_bytes())
+    start = int(tensor.data_offset)
+    data[start] ^= 0b01
+    path.write_bytes(bytes(data))
+    problems = check_gguf_tensors(path, model, family, written)
+    assert any("blk.0.attn_q.weight" in p for p in problems)
+
+
+def test_models_that_bitnet_cannot_hold_are_listed():
+    from tests.conftest import tiny_qwen3
+
+    family = FAMILIES["llama"]
+    narrow = tiny_llama()  # hidden 64: rows are not multiples of 256
+    convert_to_bitnet(narrow, family)
+    problems = bitnet_export_problems(narrow, family, "paper", 0.5, "tq2_0")
+    assert any("not a multiple of 256" in p for p in problems)
+    assert any("warm-up is unfinished" in p for p in problems)
+    qwen = tiny_qwen3()
+    convert_to_bitnet(qwen, FAMILIES["qwen3"])
+    problems = bitnet_export_problems(qwen, FAMILIES["qwen3"], "paper", 1.0, "f16")
+    assert any("QK-norm" in p for p in problems) and any("not tied" in p for p in problems)
