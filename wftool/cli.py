@@ -128,7 +128,6 @@ for _name, _help in (
 
 for _name, _stage, _help in (
     ("unified", "unified", "LM loss + masked diffusion-LM loss in one pass, curriculum, MuonClip."),
-    ("export-gguf", "export", "Write a GGUF file (TQ1_0, TQ2_0, I2_S, F16, BF16)."),
     ("serve", "serve", "OpenAI-compatible HTTP server for a GGUF file or wft checkpoint."),
     ("launch", "launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal."),
     ("eval", "eval", "Perplexity and task accuracy of a checkpoint or GGUF file."),
@@ -137,6 +136,41 @@ for _name, _stage, _help in (
     _command.cli_name = _name
     _command.__doc__ = _help
     app.command(name=_name)(_command)
+
+
+@app.command("export-gguf")
+@user_errors
+def export_gguf(
+    source: Annotated[str, typer.Argument(
+        help="A recipe (exports its newest stage output) or a wft model directory.")],
+    overrides: OverridesArg = None,
+    type: Annotated[str, typer.Option(
+        "--type", help="tq1_0, tq2_0, f16 or bf16 (default: the recipe's export.type).")] = "",
+    output: Annotated[Optional[Path], typer.Option(help="Output .gguf file.")] = None,
+    validate: Annotated[bool, typer.Option(help="Read the file back and check it.")] = True,
+):
+    """Write a GGUF file for llama.cpp's `bitnet` architecture (TQ1_0, TQ2_0, F16, BF16)."""
+    from wftool.commands.export import export_source, print_export_report, run_export
+
+    path = Path(source)
+    if (path / "config.json").exists():
+        if overrides:
+            raise WftError("overrides apply to recipes, not to a model directory")
+        model_dir, export_type, name = path, type or "tq2_0", path.parent.name or "model"
+        if not output:
+            output = path.parent / f"{name}-{export_type}.gguf"
+    else:
+        config = _load(source, overrides, "export")
+        model_dir, name = export_source(config), config.name
+        export_type = type or config.export.type
+        validate = validate and config.export.validate_export
+        output = output or (Path(config.export.output) if config.export.output else
+                            Path(config.output_dir) / name / f"{name}-{export_type}.gguf")
+    with console.status(f"writing {output} ..."):
+        result = run_export(model_dir, export_type.lower(), output, validate, name)
+    print_export_report(result, validate, console)
+    if result.problems:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -71,3 +71,39 @@ def test_models_that_bitnet_cannot_hold_are_listed():
     convert_to_bitnet(qwen, FAMILIES["qwen3"])
     problems = bitnet_export_problems(qwen, FAMILIES["qwen3"], "paper", 1.0, "f16")
     assert any("QK-norm" in p for p in problems) and any("not tied" in p for p in problems)
+
+
+def test_export_command_writes_and_validates_the_tiny_student(tmp_path):
+    from typer.testing import CliRunner
+
+    from wftool.cli import app
+
+    runner = CliRunner()
+    student = tmp_path / "student"
+    assert runner.invoke(app, ["convert", "tiny", "--output", str(student)]).exit_code == 0
+    out = tmp_path / "tiny.gguf"
+    result = runner.invoke(app, ["export-gguf", str(student), "--type", "tq1_0",
+                                 "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and "every ternary value exact" in result.output
+    unsupported = runner.invoke(app, ["export-gguf", str(student), "--type", "i2_s",
+                                      "--output", str(tmp_path / "x.gguf")])
+    assert unsupported.exit_code == 2 and "not available yet" in unsupported.output
+
+
+def test_export_command_explains_why_a_model_cannot_go_to_bitnet(tmp_path):
+    from typer.testing import CliRunner
+
+    from wftool.cli import app
+
+    runner = CliRunner()
+    student = tmp_path / "student"
+    result = runner.invoke(app, ["convert", "tiny", "--output", str(student),
+                                 "convert.sub_norm=all"])
+    assert result.exit_code == 0, result.output
+    refused = runner.invoke(app, ["export-gguf", str(student), "--output",
+                                  str(tmp_path / "x.gguf")])
+    assert refused.exit_code == 2
+    text = " ".join(refused.output.split())  # rich wraps long lines
+    assert "placement 'all'" in text and "wft serve --backend torch" in text
+    assert not (tmp_path / "x.gguf").exists()
