@@ -144,7 +144,7 @@ def export_gguf(
     source: Annotated[str, typer.Argument(
         help="A recipe (exports its newest stage output) or a wft model directory.")],
     overrides: OverridesArg = None,
-    type: Annotated[str, typer.Option(
+    gguf_type: Annotated[str, typer.Option(
         "--type", help="tq1_0, tq2_0, f16 or bf16 (default: the recipe's export.type).")] = "",
     output: Annotated[Optional[Path], typer.Option(help="Output .gguf file.")] = None,
     validate: Annotated[bool, typer.Option(help="Read the file back and check it.")] = True,
@@ -156,13 +156,13 @@ def export_gguf(
     if (path / "config.json").exists():
         if overrides:
             raise WftError("overrides apply to recipes, not to a model directory")
-        model_dir, export_type, name = path, type or "tq2_0", path.parent.name or "model"
+        model_dir, export_type, name = path, gguf_type or "tq2_0", path.parent.name or "model"
         if not output:
             output = path.parent / f"{name}-{export_type}.gguf"
     else:
         config = _load(source, overrides, "export")
         model_dir, name = export_source(config), config.name
-        export_type = type or config.export.type
+        export_type = gguf_type or config.export.type
         validate = validate and config.export.validate_export
         output = output or (Path(config.export.output) if config.export.output else
                             Path(config.output_dir) / name / f"{name}-{export_type}.gguf")
