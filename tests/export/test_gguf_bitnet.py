@@ -107,3 +107,38 @@ def test_export_command_explains_why_a_model_cannot_go_to_bitnet(tmp_path):
     text = " ".join(refused.output.split())  # rich wraps long lines
     assert "placement 'all'" in text and "wft serve --backend torch" in text
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("export_type", ["tq2_0", "f16"])
+def test_llamacpp_runs_the_export_like_pytorch(tmp_path, student, export_type):
+    pytest.importorskip("llama_cpp")
+    from wftool.export.validate import compare_with_llamacpp
+
+    model, tokenizer = student
+    path = tmp_path / f"m-{export_type}.gguf"
+    write_bitnet_gguf(model, tokenizer, FAMILIES["llama"], export_type, path)
+    prompts = ["kiza pa povo vo zafi zi lu domilu sabula zavize nibo zuze"]
+    stats = compare_with_llamacpp(path, model, tokenizer, export_type, prompts=prompts)
+    assert stats["problems"] == []
+    assert stats["rel_rms"] < (2e-3 if export_type == "f16" else 5e-2)
+    assert stats["decode_tok_s"] > 0
+
+
+def test_llamacpp_comparison_catches_a_wrong_scale(tmp_path, student):
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    from wftool.export.validate import compare_with_llamacpp
+
+    model, tokenizer = student
+    path = tmp_path / "m.gguf"
+    write_bitnet_gguf(model, tokenizer, FAMILIES["llama"], "f16", path)
+    scale = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_down.scale")
+    data = bytearray(path.read_bytes())
+    offset = int(scale.data_offset)
+    value = np.frombuffer(bytes(data[offset:offset + 4]), dtype="<f4")[0]
+    data[offset:offset + 4] = np.array([value * 8], dtype="<f4").tobytes()
+    path.write_bytes(bytes(data))
+    stats = compare_with_llamacpp(path, model, tokenizer, "f16",
+                                  prompts=["kiza pa povo vo zafi zi lu domilu"])
+    assert any("rel RMS" in p for p in stats["problems"])

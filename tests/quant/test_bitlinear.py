@@ -86,3 +86,14 @@ def test_compiled_matches_eager():
     x = torch.randn(4, 48)
     compiled = torch.compile(layer)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_float_activations_keep_ternary_weights_only():
+    from wftool.model.surgery import float_activations
+
+    linear, layer = _pair()
+    holder = torch.nn.Sequential(layer)
+    x = torch.randn(3, 48)
+    with float_activations(holder):
+        torch.testing.assert_close(layer(x), x @ ternary_weight(linear.weight).T)
+    torch.testing.assert_close(layer(x), fake_quantize_activations(x) @ ternary_weight(linear.weight).T)

@@ -10,7 +10,12 @@ from rich.table import Table
 
 from wftool.errors import WftError
 from wftool.export.gguf_bitnet import bitnet_export_problems, write_bitnet_gguf
-from wftool.export.validate import check_gguf_tensors
+from wftool.export.validate import (
+    VALIDATION_PROMPTS,
+    check_gguf_tensors,
+    compare_with_llamacpp,
+    llamacpp_available,
+)
 from wftool.model.checkpoint import load_model_dir
 from wftool.model.families import family_by_name
 from wftool.recipe.schema import Recipe
@@ -30,6 +35,7 @@ class ExportResult:
     ternary: int
     size_mb: float
     problems: list[str]
+    llamacpp: dict | None = None  # logits comparison, when llama-cpp-python is installed
 
 
 def export_source(recipe: Recipe) -> Path:
@@ -42,8 +48,32 @@ def export_source(recipe: Recipe) -> Path:
                    "run `wft pipeline <recipe>` (or at least `wft convert`) first")
 
 
+def validation_prompts(source: Path, tokenizer, n: int = 3, max_tokens: int = 96) -> list[str]:
+    """Held-out documents of the data the model was trained on (from the recipe saved beside
+    its weights), so logits are compared where the model is confident; generic prompts
+    otherwise."""
+    from wftool.data.sources import DocumentMixer
+    from wftool.recipe.load import load_recipe
+
+    if not (source / "recipe.yaml").exists():
+        return list(VALIDATION_PROMPTS)
+    try:
+        recipe = load_recipe(str(source / "recipe.yaml"))
+    except WftError:
+        return list(VALIDATION_PROMPTS)
+    data = recipe.data
+    if data.format != "text" or data.eval_fraction <= 0:
+        return list(VALIDATION_PROMPTS)
+    mixer = DocumentMixer(data, "eval")
+    prompts = []
+    for _ in range(n):
+        ids = tokenizer(mixer.next_document(), add_special_tokens=False)["input_ids"]
+        prompts.append(tokenizer.decode(ids[:max_tokens]))
+    return prompts
+
+
 def run_export(source: Path, export_type: str, output: Path | None, validate: bool,
-               name: str) -> ExportResult:
+               name: str, threads: int = 1) -> ExportResult:
     if export_type not in WRITABLE_TYPES:
         raise WftError(
             f"--type {export_type} is not available yet; available: {', '.join(WRITABLE_TYPES)}"
@@ -64,9 +94,14 @@ def run_export(source: Path, export_type: str, output: Path | None, validate: bo
     output = Path(output) if output else source.parent / f"{name}-{export_type}.gguf"
     written = write_bitnet_gguf(model, tokenizer, family, export_type, output, name)
     found = check_gguf_tensors(output, model, family, written) if validate else []
+    llamacpp = None
+    if validate and not found and llamacpp_available():
+        prompts = validation_prompts(source, tokenizer)
+        llamacpp = compare_with_llamacpp(output, model, tokenizer, export_type, threads, prompts)
+        found.extend(llamacpp["problems"])
     return ExportResult(output, source, export_type, len(written),
                         sum(t.kind == "ternary" for t in written),
-                        output.stat().st_size / 1e6, found)
+                        output.stat().st_size / 1e6, found, llamacpp)
 
 
 def print_export_report(result: ExportResult, validated: bool, console: Console) -> None:
@@ -84,4 +119,10 @@ def print_export_report(result: ExportResult, validated: bool, console: Console)
         table.add_row("read-back", "[red]FAILED[/]: " + "; ".join(result.problems[:5]))
     else:
         table.add_row("read-back", "ok: names, shapes, every ternary value exact")
+    if validated and result.llamacpp is None:
+        table.add_row("llama.cpp", "not checked (pip install 'wftool[llamacpp]' to compare logits)")
+    elif result.llamacpp is not None:
+        stats = result.llamacpp
+        table.add_row("llama.cpp", f"logits rel RMS {stats['rel_rms']:.2e}, top-1 "
+                      f"{100 * stats['top1']:.1f} %, decode {stats['decode_tok_s']:.1f} tok/s")
     console.print(table)

@@ -6,6 +6,7 @@ Hugging Face module tree with different leaves, so the family's own forward stil
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -86,6 +87,20 @@ def set_quant_mix(model: nn.Module, mix: float) -> None:
     for module in model.modules():
         if isinstance(module, BitLinear):
             module.set_quant_mix(mix)
+
+
+@contextmanager
+def float_activations(model: nn.Module):
+    """Within the block, BitLinear layers keep activations in floating point (ternary
+    weights only): the reference for runtimes that do not quantize activations."""
+    layers = bitlinear_layers(model).values()
+    try:
+        for layer in layers:
+            layer.quantize_input = False
+        yield model
+    finally:
+        for layer in layers:
+            layer.quantize_input = True
 
 
 def bitlinear_layers(model: nn.Module) -> dict[str, BitLinear]:

@@ -25,8 +25,8 @@ def _effective_weight(weight: torch.Tensor, mix: torch.Tensor | None) -> torch.T
 
 class _BitLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, mix):
-        x_q = fake_quantize_activations(x)
+    def forward(ctx, x, weight, bias, mix, quantize_input=True):
+        x_q = fake_quantize_activations(x) if quantize_input else x
         w_q = _effective_weight(weight, mix)
         ctx.save_for_backward(x_q, weight, mix)
         ctx.has_bias = bias is not None
@@ -43,7 +43,7 @@ class _BitLinearFunction(torch.autograd.Function):
             grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x_q.reshape(-1, x_q.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def bitlinear(
@@ -51,9 +51,12 @@ def bitlinear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     mix: torch.Tensor | None = None,
+    quantize_input: bool = True,
 ) -> torch.Tensor:
-    """Functional BitLinear: linear(absmax_int8(x), absmean_ternary(W)) with STE gradients."""
-    return _BitLinearFunction.apply(x, weight, bias, mix)
+    """Functional BitLinear: linear(absmax_int8(x), absmean_ternary(W)) with STE gradients.
+    `quantize_input=False` keeps activations in floating point (what llama.cpp computes for
+    F16 exports), for comparisons only."""
+    return _BitLinearFunction.apply(x, weight, bias, mix, quantize_input)
 
 
 class RMSNorm(nn.Module):
@@ -98,6 +101,7 @@ class BitLinear(nn.Linear):
         # Warm-up mix as a buffer, so ramping it does not recompile a compiled model.
         self.register_buffer("quant_mix", torch.ones((), dtype=torch.float32), persistent=False)
         self.warming_up = False
+        self.quantize_input = True
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, input_norm_eps: float | None = None) -> BitLinear:
@@ -109,6 +113,7 @@ class BitLinear(nn.Linear):
         layer.weight = weight
         layer.bias = linear.bias
         layer.quant_mix = torch.ones((), dtype=torch.float32, device=weight.device)
+        layer.quantize_input = True
         if input_norm_eps:
             layer.input_norm = RMSNorm(linear.in_features, input_norm_eps).to(
                 device=weight.device, dtype=weight.dtype
@@ -133,7 +138,8 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm is not None:
             x = self.input_norm(x)
-        return bitlinear(x, self.weight, self.bias, self.quant_mix if self.warming_up else None)
+        mix = self.quant_mix if self.warming_up else None
+        return bitlinear(x, self.weight, self.bias, mix, self.quantize_input)
 
     def extra_repr(self) -> str:
         shared = self.input_norm is not None and "input_norm" not in self._modules
