@@ -10,24 +10,14 @@ identical. Throughput counts the weight's fp32 size (64 MiB). Target: >= 2x.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
+from _setup import median_step_seconds
 from gguf import GGMLQuantizationType, quants
 
 from wftool.export.ternary_packing import pack_tq1_0, pack_tq2_0
 from wftool.quant.ternary import ternarize
-
-
-def _seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -46,8 +36,8 @@ def main() -> None:
         ours = pack(codes)
         reference = quants.quantize(as_float, qtype)
         same = "identical" if np.array_equal(ours, reference) else "DIFFERENT"
-        ref_s = _seconds(lambda: quants.quantize(as_float, qtype), args.repeats)
-        our_s = _seconds(lambda: pack(codes), args.repeats)
+        ref_s = median_step_seconds(lambda: quants.quantize(as_float, qtype), args.repeats)
+        our_s = median_step_seconds(lambda: pack(codes), args.repeats)
         print(f"{name:6} {megabytes / ref_s:>13.0f} {megabytes / our_s:>10.0f} "
               f"{ref_s / our_s:>9.2f} {same:>10}")
     print("target: speed-up >= 2")
