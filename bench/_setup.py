@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -18,6 +19,16 @@ from wftool.train.trainer import StageRun, Trainer
 MODEL = dict(model_type="llama", vocab_size=2048, hidden_size=512, intermediate_size=1536,
              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
              max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def step_bench_arguments(doc: str, batch: int, seq_len: int) -> argparse.ArgumentParser:
+    """The options every step benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    return parser
 
 
 def build_model(seed: int = 0, ternary: bool = False, hidden: int | None = None):

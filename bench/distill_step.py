@@ -11,11 +11,9 @@ narrow models.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from _setup import build_model, compare, make_trainer, tokenizer
+from _setup import build_model, compare, make_trainer, step_bench_arguments, tokenizer
 from wftool.model.checkpoint import TernaryMetadata
 from wftool.model.families import FAMILIES
 from wftool.recipe.schema import DataSpec, DistillStage
@@ -23,11 +21,7 @@ from wftool.train.stage_objectives import Distillation, LanguageModeling
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser = step_bench_arguments(__doc__, batch=16, seq_len=128)
     parser.add_argument("--hidden", type=int, default=512)
     args = parser.parse_args()
     tok = tokenizer()

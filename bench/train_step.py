@@ -11,11 +11,9 @@ adds BitLinear's quantization on top.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from _setup import build_model, compare, make_trainer, tokenizer
+from _setup import build_model, compare, make_trainer, step_bench_arguments, tokenizer
 from wftool.model.checkpoint import TernaryMetadata
 from wftool.recipe.schema import DataSpec
 from wftool.train.stage_objectives import LanguageModeling
@@ -38,11 +36,7 @@ def plain_loop(model, batch: int, seq_len: int, vocab: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser = step_bench_arguments(__doc__, batch=8, seq_len=256)
     args = parser.parse_args()
     tok = tokenizer()
     data = DataSpec(seq_len=args.seq_len, eval_fraction=0.0)

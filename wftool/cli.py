@@ -90,7 +90,9 @@ def convert(
 def _not_yet(stage: str, what: str):
     @user_errors
     def command(recipe: RecipeArg, overrides: OverridesArg = None):
-        _load(recipe, overrides, stage if stage in _STAGE_SECTIONS else None)
+        from wftool.recipe.schema import STAGES
+
+        _load(recipe, overrides, stage if stage in STAGES else None)
         raise WftError(
             f"`wft {command.cli_name}` is not available yet in wft {_version()}: {what} "
             "is still being built",
@@ -99,8 +101,6 @@ def _not_yet(stage: str, what: str):
 
     return command
 
-
-_STAGE_SECTIONS = ("layerwise", "pretrain", "unified", "distill", "export", "serve", "launch")
 
 def _training_command(stage: str):
     @user_errors

@@ -7,21 +7,9 @@ import torch
 
 from tests.conftest import tiny_llama
 from wftool.data.packing import IGNORE_INDEX, PackedTextStream, TaskStream, build_stream, model_inputs
-from wftool.data.sources import DocumentMixer, Reader
+from tests.data.readers import list_reader
+from wftool.data.sources import DocumentMixer
 from wftool.recipe.schema import DataSpec
-
-
-class ListReader(Reader):
-    """Documents from a Python list, repeated forever."""
-
-    def __init__(self, docs):
-        self.docs = docs
-
-    def iter_from(self, start):
-        index = start
-        while True:
-            yield index, self.docs[index % len(self.docs)]
-            index += 1
 
 
 class CharTokenizer:
@@ -38,7 +26,7 @@ class CharTokenizer:
 
 def _stream(docs, seq_len, fmt="text"):
     spec = DataSpec(seq_len=seq_len, eval_fraction=0.0, format=fmt)
-    mixer = DocumentMixer(spec, readers=[ListReader(docs)])
+    mixer = DocumentMixer(spec, readers=[list_reader(docs)])
     cls = TaskStream if fmt == "task" else PackedTextStream
     return cls(mixer, CharTokenizer(), seq_len)
 
@@ -55,16 +43,12 @@ def test_rows_are_documents_joined_by_eos_with_restarting_positions():
 def test_stream_state_resumes_exactly():
     stream = _stream(["abc", "de", "fghij", "klm"], seq_len=5)
     stream.next_batch(2)
-    state = json.loads(json.dumps(stream.state_dict(), default=str))
+    state = json.loads(json.dumps(stream.state_dict()))  # plain data: survives JSON
     expected = [stream.next_batch(2)["input_ids"] for _ in range(3)]
     resumed = _stream(["abc", "de", "fghij", "klm"], seq_len=5)
-    resumed.load_state_dict(stream_state_from_json(state))
+    resumed.load_state_dict(state)
     got = [resumed.next_batch(2)["input_ids"] for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
-
-
-def stream_state_from_json(state):
-    return state  # the state is plain data: it survives a JSON round trip unchanged
 
 
 def test_packed_position_ids_keep_documents_apart_in_the_model():

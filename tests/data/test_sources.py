@@ -3,21 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from wftool.data.sources import DocumentMixer, Reader, open_reader
+from tests.data.readers import counting_reader
+from wftool.data.sources import DocumentMixer, open_reader
 from wftool.data.synthetic import SyntheticLanguage, WordClassTask
 from wftool.errors import WftError
 from wftool.recipe.schema import DataSource, DataSpec
-
-
-class CountingReader(Reader):
-    def __init__(self, tag):
-        self.tag = tag
-
-    def iter_from(self, start):
-        index = start
-        while True:
-            yield index, f"{self.tag}{index}"
-            index += 1
 
 
 def _spec(n_sources=1, weights=None, eval_fraction=0.0):
@@ -28,7 +18,7 @@ def _spec(n_sources=1, weights=None, eval_fraction=0.0):
 
 def test_weighted_mixing_follows_weights():
     spec = _spec(2, [3.0, 1.0])
-    mixer = DocumentMixer(spec, readers=[CountingReader("a"), CountingReader("b")])
+    mixer = DocumentMixer(spec, readers=[counting_reader("a"), counting_reader("b")])
     docs = [mixer.next_document() for _ in range(4000)]
     share = sum(d.startswith("a") for d in docs) / len(docs)
     assert share == pytest.approx(0.75, abs=0.03)
@@ -36,9 +26,9 @@ def test_weighted_mixing_follows_weights():
 
 def test_held_out_documents_never_reach_training_and_ranks_are_disjoint():
     spec = _spec(eval_fraction=0.1)
-    train = [DocumentMixer(spec, "train", r, 2, readers=[CountingReader("")]) for r in (0, 1)]
+    train = [DocumentMixer(spec, "train", r, 2, readers=[counting_reader()]) for r in (0, 1)]
     seen = [{train[r].next_document() for _ in range(200)} for r in (0, 1)]
-    held = DocumentMixer(spec, "eval", readers=[CountingReader("")])
+    held = DocumentMixer(spec, "eval", readers=[counting_reader()])
     held_out = {held.next_document() for _ in range(30)}
     assert not seen[0] & seen[1]
     assert not (seen[0] | seen[1]) & held_out
@@ -47,12 +37,12 @@ def test_held_out_documents_never_reach_training_and_ranks_are_disjoint():
 
 def test_mixer_state_round_trips_through_json():
     spec = _spec(2, [1.0, 1.0])
-    mixer = DocumentMixer(spec, readers=[CountingReader("a"), CountingReader("b")])
+    mixer = DocumentMixer(spec, readers=[counting_reader("a"), counting_reader("b")])
     for _ in range(7):
         mixer.next_document()
     state = json.loads(json.dumps(mixer.state_dict()))
     expected = [mixer.next_document() for _ in range(10)]
-    other = DocumentMixer(spec, readers=[CountingReader("a"), CountingReader("b")])
+    other = DocumentMixer(spec, readers=[counting_reader("a"), counting_reader("b")])
     other.load_state_dict(state)
     assert [other.next_document() for _ in range(10)] == expected
 

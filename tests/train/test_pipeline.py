@@ -50,5 +50,6 @@ def test_pretrain_command_runs_with_overrides(tmp_path):
     result = runner.invoke(app, ["pretrain", recipe, "training.max_steps=2"])
     assert result.exit_code == 0, result.output
     assert "pretrain done after 2 steps" in result.output
+    assert "small/pretrain step 2/2" in result.output  # plain progress line off a terminal
     metrics = (tmp_path / "runs" / "small" / "pretrain" / "metrics.jsonl").read_text()
     assert len(metrics.splitlines()) == 2

@@ -156,11 +156,13 @@ def load_model_dir(path: str | Path, dtype=None, device: str | torch.device = "c
         raise WftError(f"{path} is not a model directory (no config.json)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise WftError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer, None
 

@@ -74,7 +74,7 @@ def peak_memory_gb(device: torch.device) -> float:
     try:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
     except ImportError:  # pragma: no cover - non-Unix
         return 0.0
 
