@@ -9,7 +9,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
-EXTRAS ?= dev
+EXTRAS ?= dev,serve,llamacpp
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wft-installed
 

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -6,6 +7,16 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def require_llamacpp():
+    """Skip where llama-cpp-python is absent, except in CI (WFT_REQUIRE_LLAMACPP=1), where
+    the llama.cpp tests must run for real."""
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return
+    if os.environ.get("WFT_REQUIRE_LLAMACPP") == "1":
+        pytest.fail("llama-cpp-python is required here (WFT_REQUIRE_LLAMACPP=1) but missing")
+    pytest.skip("llama-cpp-python is not installed")
 
 
 def tiny_llama(**overrides):

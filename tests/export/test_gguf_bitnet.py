@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_llama
+from tests.conftest import require_llamacpp, tiny_llama
 from wftool.export.gguf_bitnet import bitnet_export_problems, write_bitnet_gguf
 from wftool.export.validate import check_gguf_tensors
 from wftool.model.families import FAMILIES
@@ -111,7 +111,7 @@ def test_export_command_explains_why_a_model_cannot_go_to_bitnet(tmp_path):
 
 @pytest.mark.parametrize("export_type", ["tq2_0", "f16"])
 def test_llamacpp_runs_the_export_like_pytorch(tmp_path, student, export_type):
-    pytest.importorskip("llama_cpp")
+    require_llamacpp()
     from wftool.export.validate import compare_with_llamacpp
 
     model, tokenizer = student
@@ -125,7 +125,7 @@ def test_llamacpp_runs_the_export_like_pytorch(tmp_path, student, export_type):
 
 
 def test_llamacpp_comparison_catches_a_wrong_scale(tmp_path, student):
-    pytest.importorskip("llama_cpp")
+    require_llamacpp()
     from gguf import GGUFReader
 
     from wftool.export.validate import compare_with_llamacpp
