@@ -128,7 +128,6 @@ for _name, _help in (
 
 for _name, _stage, _help in (
     ("unified", "unified", "LM loss + masked diffusion-LM loss in one pass, curriculum, MuonClip."),
-    ("serve", "serve", "OpenAI-compatible HTTP server for a GGUF file or wft checkpoint."),
     ("launch", "launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal."),
     ("eval", "eval", "Perplexity and task accuracy of a checkpoint or GGUF file."),
 ):
@@ -171,6 +170,43 @@ def export_gguf(
     print_export_report(result, validate, console)
     if result.problems:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def serve(
+    source: Annotated[str, typer.Argument(
+        help="A .gguf file (llama.cpp), a wft or Hugging Face model directory (torch), or a "
+        "recipe (serves its export or newest student as its `serve` section says).")],
+    overrides: OverridesArg = None,
+    backend: Annotated[Optional[str], typer.Option(
+        help="llamacpp (GGUF files) or torch (model directories); default: from the source.")
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")
+    ] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000; 0 picks a free one).")
+    ] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads for generation (default: all cores for llama.cpp, torch's default).")
+    ] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        help="Largest max_tokens a request may ask for (default 512).")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(
+        help="Longest prompt accepted, in tokens (default 4096).")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option(
+        help="Requests admitted at once (one generates, the rest wait); more get HTTP 429.")
+    ] = None,
+    model_name: Annotated[Optional[str], typer.Option(
+        help="The model id clients see in /v1/models (default: the file or directory name).")
+    ] = None,
+):
+    """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)."""
+    from wftool.commands.serve import ServeOptions, run_serve
+
+    options = ServeOptions(backend=backend, host=host, port=port, threads=threads,
+                           max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                           max_concurrent=max_concurrent, model_name=model_name)
+    run_serve(source, overrides or [], options, console)
 
 
 @app.command()
