@@ -57,9 +57,13 @@ class TorchEngine:
 
     def _eos_ids(self) -> set[int]:
         ids = set()
-        for source in (self.tokenizer.eos_token_id,
-                       getattr(getattr(self.model, "generation_config", None), "eos_token_id",
-                               None)):
+        sources = [self.tokenizer.eos_token_id]
+        generation = getattr(self.model, "generation_config", None)
+        # A model's own generation_config.json may list several EOS ids (Llama 3 does); one
+        # derived from config.json defaults may name ids of another tokenizer.
+        if generation is not None and not getattr(generation, "_from_model_config", True):
+            sources.append(generation.eos_token_id)
+        for source in sources:
             if isinstance(source, int):
                 ids.add(source)
             elif source:

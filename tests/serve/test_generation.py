@@ -1,0 +1,69 @@
+"""Text generation shared by both backends, on a real tiny student (torch engine)."""
+
+import pytest
+import torch
+
+from wftool.quant.ternary_linear import pack_ternary_layers
+from wftool.serve.engine_torch import TorchEngine, sample_token
+from wftool.serve.generation import Generation, Sampling, generate
+
+
+@pytest.fixture(scope="module")
+def engine(llama_student, tokenizer):
+    import copy
+
+    model = copy.deepcopy(llama_student)
+    pack_ternary_layers(model)
+    return TorchEngine(model, tokenizer)
+
+
+def _run(engine, prompt, **kwargs):
+    request = Generation(engine.encode(prompt, chat=False), **kwargs)
+    pieces = list(generate(engine, request))
+    return "".join(p.text for p in pieces), pieces[-1].finish_reason, request
+
+
+def test_greedy_generation_is_the_argmax_of_a_full_forward(engine):
+    prompt_ids = engine.encode("kiza pa povo vo", chat=False)
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(engine.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    expected = [t for t in ids[len(prompt_ids):]]
+    cached = []
+    for token in engine.sample(prompt_ids, Sampling(temperature=0.0)):
+        cached.append(token)
+        if len(cached) == 10:
+            break
+    assert cached == expected  # the KV-cache path computes what a full forward does
+
+
+def test_stop_string_cuts_the_text_where_it_starts(engine):
+    full, finish, request = _run(engine, "kiza pa", max_tokens=24, sampling=Sampling(0.0))
+    assert finish == "length" and request.completion_tokens == 24
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    text, finish, _ = _run(engine, "kiza pa", max_tokens=24, sampling=Sampling(0.0),
+                           stop=["never there", stop])
+    assert finish == "stop"
+    assert text == full[: full.find(stop)]
+
+
+def test_zero_max_tokens_yields_only_the_finish(engine):
+    text, finish, request = _run(engine, "kiza", max_tokens=0, sampling=Sampling(0.0))
+    assert (text, finish, request.completion_tokens) == ("", "length", 0)
+
+
+def test_seeded_sampling_repeats_and_tiny_top_p_is_greedy(engine):
+    first, *_ = _run(engine, "kiza pa", max_tokens=12, sampling=Sampling(1.0, 1.0, seed=7))
+    again, *_ = _run(engine, "kiza pa", max_tokens=12, sampling=Sampling(1.0, 1.0, seed=7))
+    greedy, *_ = _run(engine, "kiza pa", max_tokens=12, sampling=Sampling(0.0))
+    nucleus, *_ = _run(engine, "kiza pa", max_tokens=12, sampling=Sampling(1.0, 1e-6, seed=3))
+    assert first == again
+    assert nucleus == greedy
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_token(logits, Sampling(1.0, 0.7), generator) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 <= 0.8: tokens 0 and 1 only
