@@ -16,7 +16,9 @@ OPTIONAL_BACKENDS = (
     ("wandb", "wandb", "W&B logging (extra: wandb)"),
     ("sky", "skypilot", "cloud launch on SkyPilot (extra: cloud)"),
     ("modal", "modal", "cloud launch on Modal (extra: cloud)"),
-    ("llama_cpp", "llama-cpp-python", "GGUF validation and serving (extra: llamacpp / serve)"),
+    ("llama_cpp", "llama-cpp-python", "GGUF validation and serving (extra: llamacpp)"),
+    ("fastapi", "fastapi", "the `wft serve` HTTP app (extra: serve)"),
+    ("uvicorn", "uvicorn", "the `wft serve` HTTP server (extra: serve)"),
 )
 CORE = ("wftool", "torch", "transformers", "tokenizers", "datasets", "safetensors", "gguf",
         "pydantic", "typer", "rich")
