@@ -18,7 +18,7 @@ def test_help_lists_every_stage():
         assert verb in result.output
 
 
-@pytest.mark.parametrize("verb", ["unified", "serve", "launch", "eval"])
+@pytest.mark.parametrize("verb", ["unified", "launch"])
 def test_unbuilt_stages_say_so_with_exit_2(verb):
     result = runner.invoke(app, [verb, "tiny"])
     assert result.exit_code == 2

@@ -96,7 +96,8 @@ def _not_yet(stage: str, what: str):
         raise WftError(
             f"`wft {command.cli_name}` is not available yet in wft {_version()}: {what} "
             "is still being built",
-            "available today: convert, layerwise, pretrain, distill, pipeline, recipe, doctor",
+            "available today: convert, layerwise, pretrain, distill, pipeline, export-gguf, "
+            "serve, eval, recipe, doctor",
         )
 
     return command
@@ -129,12 +130,54 @@ for _name, _help in (
 for _name, _stage, _help in (
     ("unified", "unified", "LM loss + masked diffusion-LM loss in one pass, curriculum, MuonClip."),
     ("launch", "launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal."),
-    ("eval", "eval", "Perplexity and task accuracy of a checkpoint or GGUF file."),
 ):
     _command = _not_yet(_stage, _help.split(":")[0].rstrip("."))
     _command.cli_name = _name
     _command.__doc__ = _help
     app.command(name=_name)(_command)
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    sources: Annotated[list[str], typer.Argument(
+        help="Recipes (everything they produced: teacher, each stage's final/, GGUF exports), "
+        "model directories and .gguf files; `key=value` items override the recipe.")],
+    text: Annotated[Optional[Path], typer.Option(
+        help="Held-out text (.txt paragraphs, or .jsonl/.parquet `text`) instead of the "
+        "recipe's eval split.")] = None,
+    task: Annotated[Optional[Path], typer.Option(
+        help="Task examples (.jsonl/.parquet with `prompt` and `answer`) instead of the "
+        "recipe's task data.")] = None,
+    batches: Annotated[Optional[int], typer.Option(
+        min=1, help="At most this many batches per set (default: the recipe's "
+        "data.eval_batches; all of a file).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch.")] = 8,
+    seq_len: Annotated[Optional[int], typer.Option(
+        min=2, help="Tokens per row (default: the recipe's data.seq_len, else 512).")] = None,
+    lm_eval: Annotated[Optional[str], typer.Option(
+        "--lm-eval", help="Comma-separated lm-eval-harness tasks: names, or local task .yaml "
+        "files (needs `pip install lm-eval`).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        min=1, help="lm-eval: at most this many examples per task.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="llama.cpp threads for GGUF files.")] = 1,
+    device: Annotated[str, typer.Option(help="PyTorch device: auto, cpu, cuda, ...")] = "auto",
+    output: Annotated[Optional[Path], typer.Option(help="Also write the numbers as JSON.")] = None,
+):
+    """Loss, perplexity and task accuracy of teachers, ternary students (their quantized
+    forward) and GGUF exports (through llama.cpp), on the same held-out tokens."""
+    from wftool.commands.evaluate import EvalOptions, print_eval_table, run_eval
+
+    tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
+    options = EvalOptions(text=text, task=task, batches=batches, batch_size=batch_size,
+                          seq_len=seq_len, lm_eval=tasks, limit=limit, threads=threads,
+                          device=device)
+    report = run_eval(sources, options, console)
+    print_eval_table(report, console)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report.to_json())
+        console.print(f"results saved to {output}")
 
 
 @app.command("export-gguf")

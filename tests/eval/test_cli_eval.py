@@ -1,0 +1,141 @@
+"""`wft eval` as a user runs it: a table and a JSON file, recipes expanded into everything
+they produced, and one clear line for every bad input."""
+
+import json
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import require_llamacpp
+from tests.eval.conftest import assert_matches, expected_numbers, tiny_llama
+from tests.train.conftest import SMALL_MODEL, small_recipe
+from wftool.cli import app
+from wftool.model.checkpoint import load_model_dir, save_model_dir
+from wftool.recipe.load import load_recipe
+from wftool.train.evaluation import eval_batches, evaluate_model
+
+runner = CliRunner()
+
+
+def _eval(*args):
+    return runner.invoke(app, ["eval", *map(str, args)])
+
+
+def test_eval_prints_a_table_and_writes_json(student_dir, teacher_dir, text_file, task_file,
+                                             tmp_path):
+    out = tmp_path / "results.json"
+    result = _eval(teacher_dir, student_dir, "--text", text_file, "--task", task_file,
+                   "--seq-len", 48, "--batch-size", 3, "--output", out)
+    assert result.exit_code == 0, result.output
+    for heading in ("text loss", "text ppl", "task loss", "task acc %", "ternary", "FP (float32)"):
+        assert heading in result.output
+    report = json.loads(out.read_text())
+    assert [row["path"] for row in report["models"]] == [str(teacher_dir), str(student_dir)]
+    for row in report["models"]:
+        model, tokenizer, _ = load_model_dir(row["path"])
+        assert_matches(row, expected_numbers(model, tokenizer, text_file, task_file, 48))
+    text_set = report["sets"][0]
+    assert f"{text_set['tokens']:,} scored tokens" in result.output
+    assert f"{100 * report['models'][1]['task_accuracy']:.1f}" in result.output
+
+
+def _recipe_run(tmp_path):
+    """What `wft pipeline` leaves, in small: a fine-tuned teacher and a converted student."""
+    recipe = small_recipe(tmp_path)
+    assert runner.invoke(app, ["convert", recipe]).exit_code == 0
+    runs = tmp_path / "runs" / "small"
+    _, tokenizer, _ = load_model_dir(runs / "convert" / "final")
+    config = {k: v for k, v in SMALL_MODEL.items() if k != "model_type"}
+    teacher = save_model_dir(tiny_llama(**config), tokenizer, runs / "teacher-sft" / "final")
+    # The trainer saves the resolved recipe beside every final/ directory.
+    resolved = load_recipe(recipe).model_dump(mode="json", by_alias=True)
+    (teacher / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return recipe, runs
+
+
+def test_eval_recipe_covers_teacher_and_students_on_the_training_eval_batches(tmp_path):
+    recipe, runs = _recipe_run(tmp_path)
+    out = tmp_path / "r.json"
+    result = _eval(recipe, "--output", out, "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["models"]] == ["teacher (FP16-SFT)",
+                                                      "student after convert"]
+    assert [s["origin"] for s in report["sets"]] == ["small: data (eval split)",
+                                                     "small: distill.data (eval split)"]
+    config = load_recipe(recipe)
+    for row in report["models"]:
+        model, tokenizer, _ = load_model_dir(row["path"])
+        # The very batches and code the trainer evaluates with.
+        text = evaluate_model(model, eval_batches(config.data, tokenizer, 4), task=False)
+        task = evaluate_model(model, eval_batches(config.distill.data, tokenizer, 4), task=True)
+        assert row["text_loss"] == pytest.approx(text["eval_loss"], rel=1e-6)
+        assert row["task_loss"] == pytest.approx(task["eval_loss"], rel=1e-6)
+        assert row["task_accuracy"] == task.get("eval_accuracy")
+        assert row["text_tokens"] == 2 * 4 * 31  # data.eval_batches x rows x (seq_len - 1)
+    # Overrides reach the recipe's data; a checkpoint alone uses the recipe saved beside it.
+    fewer = _eval(recipe, "data.eval_batches=1", "--output", out, "--batch-size", 4)
+    assert fewer.exit_code == 0, fewer.output
+    assert json.loads(out.read_text())["sets"][0]["batches"] == 1
+    alone = _eval(runs / "teacher-sft", "--output", out, "--batch-size", 4)
+    assert alone.exit_code == 0, alone.output
+    (row,) = json.loads(out.read_text())["models"]
+    assert row["text_loss"] == pytest.approx(report["models"][0]["text_loss"], rel=1e-9)
+
+
+def test_eval_recipe_includes_its_gguf_export(tmp_path):
+    require_llamacpp()
+    recipe, runs = _recipe_run(tmp_path)
+    exported = runner.invoke(app, ["export-gguf", str(runs / "convert" / "final"), "--type",
+                                   "f16", "--output", str(runs / "small-f16.gguf"),
+                                   "--no-validate"])
+    assert exported.exit_code == 0, exported.output
+    out = tmp_path / "r.json"
+    result = _eval(recipe, "--output", out)
+    assert result.exit_code == 0, result.output
+    teacher, student, gguf = json.loads(out.read_text())["models"]
+    assert gguf["model"] == "GGUF small-f16.gguf" and gguf["weights"] == "F16"
+    assert gguf["text_tokens"] == student["text_tokens"]
+    assert abs(gguf["text_loss"] - student["text_loss"]) < 5e-3
+    assert "GGUF small-f16.gguf" in result.output
+
+
+def _fails(result, *phrases):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())  # rich wraps long lines
+    for phrase in phrases:
+        assert phrase in text, text
+
+
+def test_bad_sources_are_named(tmp_path, student_dir):
+    _fails(_eval(tmp_path / "nope.gguf"), "no such GGUF file")
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n")
+    _fails(_eval(csv), "cannot evaluate a .csv file")
+    _fails(_eval(tmp_path), "not a model directory")
+    _fails(_eval("tinyy"), "not a .gguf file, a model directory", "did you mean 'tiny'")
+    _fails(_eval(student_dir, "data.seq_len=8"), "applies to a recipe")
+    _fails(_eval(student_dir), "no held-out data", "--text FILE")
+    _fails(_eval(student_dir, "--text", tmp_path / "missing.txt"), "no such file")
+    _fails(_eval(small_recipe(tmp_path)), "has produced no model yet", "wft pipeline small")
+    _fails(_eval(student_dir, "--device", "gpu0", "--text", csv), "not a torch device")
+
+
+def test_missing_optional_packages_say_how_to_install(tmp_path, student_dir, text_file,
+                                                      monkeypatch):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    _fails(_eval(gguf, "--text", text_file), "needs llama-cpp-python", "wftool[llamacpp]")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    _fails(_eval(student_dir, "--lm-eval", "hellaswag"), "lm-eval-harness", "pip install lm-eval")
+
+
+def test_a_broken_gguf_is_refused_clearly(tmp_path, text_file):
+    require_llamacpp()
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    _fails(_eval(gguf, "--text", text_file), "llama.cpp cannot load")

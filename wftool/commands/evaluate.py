@@ -1,0 +1,282 @@
+"""`wft eval`: teachers, ternary students and GGUF exports on the same held-out tokens.
+
+What runs where: `wftool.eval.targets` (command line -> models), `wftool.eval.heldout` (the
+data), `wftool.eval.llamacpp` (GGUF files), `wftool.eval.harness` (lm-eval tasks).
+
+One definition of every number, whatever runs the model (`wftool.train.evaluation`):
+- loss: mean next-token negative log-likelihood in nats, every scored target token weighted
+  equally (summed over all rows, then divided by the token count); ppl = exp(loss).
+- text: every token of the packed held-out rows after each row's first is scored.
+- task: only the answer tokens (and the EOS that closes the answer) are scored; accuracy is
+  the share of examples whose answer tokens, EOS excluded, are all the model's argmax under
+  teacher forcing (prompt + the gold answer so far), i.e. exact match of greedy decoding.
+A wft student runs its quantized forward (ternary weights, int8 activations, the
+quantization mix it was saved with); a GGUF file runs in llama.cpp with its own tokenizer,
+whose token ids must equal those of the first model in the table (else it is refused).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from wftool.errors import WftError
+from wftool.eval.heldout import (
+    HeldOutSet,
+    heldout_sets,
+    judged_examples,
+    same_tokens,
+    scored_tokens,
+)
+from wftool.eval.targets import EvalTarget, resolve_sources
+
+LM_EVAL_MAX_LENGTH = 2048  # longest sequence lm-eval scores (llama.cpp keeps all its logits)
+
+
+@dataclass
+class EvalOptions:
+    text: Path | None = None
+    task: Path | None = None
+    batches: int | None = None
+    batch_size: int = 8
+    seq_len: int | None = None
+    lm_eval: list[str] = field(default_factory=list)
+    limit: int | None = None
+    threads: int = 1
+    device: str = "auto"
+
+
+@dataclass
+class EvalReport:
+    sets: list[dict]
+    models: list[dict]
+    notes: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+# ---- running -----------------------------------------------------------------------------
+def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalReport:
+    """Evaluate every source on the same held-out tokens (and lm-eval tasks, if asked)."""
+    if options.lm_eval and not lm_eval_available():
+        raise WftError("--lm-eval needs the lm-eval-harness package (lm_eval), which is not "
+                       "installed", "pip install lm-eval")
+    targets, recipe = resolve_sources(items)
+    sets = heldout_sets(recipe, options.text, options.task, options.seq_len)
+    if not sets and not options.lm_eval:
+        raise WftError(
+            "no held-out data to evaluate on",
+            "pass --text FILE and/or --task FILE, or a recipe (or a checkpoint with its "
+            "recipe.yaml) whose data holds documents out (data.eval_fraction > 0)")
+    _quiet_datasets()
+    reference: dict[str, tuple[str, list[dict]]] = {}
+    models, notes = [], []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True) as progress:
+        for target in targets:
+            start = time.perf_counter()
+            try:
+                row = _evaluate_target(target, sets, options, reference, progress)
+            except WftError as err:
+                if not target.found:
+                    raise
+                notes.append(f"{target.label}: skipped ({err.message})")
+                continue
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            models.append(row)
+            console.print(f"[dim]evaluated {target.label} in {row['seconds']:.1f} s[/]")
+    described = []
+    for s in sets:
+        _, batches = reference.get(s.kind, (None, []))
+        entry = {"kind": s.kind, "origin": s.origin, "seq_len": s.seq_len,
+                 "batches": len(batches), "tokens": scored_tokens(batches)}
+        if s.task:
+            entry["examples"] = judged_examples(batches)
+        described.append(entry)
+    return EvalReport(described, models, notes)
+
+
+def _quiet_datasets() -> None:
+    """The table is the output: no per-file progress bars from `datasets`."""
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+
+
+def lm_eval_available() -> bool:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise WftError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+
+
+def _open(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions, device):
+    """(model, tokenizer, weights description) for one target."""
+    if target.backend == "llama.cpp":
+        from wftool.eval.llamacpp import LlamaCppModel, LlamaCppTokenizer, gguf_context_length
+
+        # Room for the longest row; lm-eval gets the trained context, up to its maximum.
+        harness = min(LM_EVAL_MAX_LENGTH, gguf_context_length(target.location)
+                      or LM_EVAL_MAX_LENGTH) if options.lm_eval else 0
+        n_ctx = max([64, harness] + [s.seq_len for s in sets])
+        model = LlamaCppModel(target.location, n_ctx, options.threads)
+        return model, LlamaCppTokenizer(model), model.file_type
+    from wftool.model.checkpoint import load_model_dir
+
+    path = Path(target.location)
+    if (path / "config.json").exists():
+        model, tokenizer, meta = load_model_dir(path, device=device)
+    else:  # a hub id named by the recipe
+        from wftool.model.loading import load_source_model
+        from wftool.recipe.schema import ModelSpec
+
+        model, tokenizer, _ = load_source_model(ModelSpec(name_or_path=target.location))
+        model, meta = model.to(device), None
+    if tokenizer is None:
+        raise WftError(f"{target.location} has no tokenizer files",
+                       "copy the tokenizer of the model it came from into the directory")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if meta is None:
+        return model, tokenizer, f"FP ({dtype})"
+    mix = f", mix {meta.quant_mix:.2f}" if meta.quant_mix < 1 else ""
+    return model, tokenizer, f"ternary{mix}"
+
+
+def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions,
+                     reference: dict, progress: Progress) -> dict:
+    from wftool.train.evaluation import evaluate_model
+
+    device = _device(options.device) if target.backend == "torch" else None
+    model, tokenizer, weights = _open(target, sets, options, device)
+    row = {"model": target.label, "path": target.location, "backend": target.backend,
+           "weights": weights}
+    try:
+        for s in sets:
+            batches = s.batches(tokenizer, options.batch_size, options.batches)
+            first_label, first = reference.setdefault(s.kind, (target.label, batches))
+            if first is not batches and not same_tokens(first, batches):
+                raise _tokenizer_mismatch(target, first_label, s)
+            bar = progress.add_task(f"{target.label}: {s.kind}", total=len(batches))
+            numbers = evaluate_model(model, _Tracked(batches, progress, bar), task=s.task,
+                                     device=device or "cpu")
+            progress.remove_task(bar)
+            row[f"{s.kind}_loss"] = numbers.get("eval_loss")
+            row[f"{s.kind}_ppl"] = numbers.get("eval_ppl")
+            row[f"{s.kind}_tokens"] = scored_tokens(batches)
+            if s.task:
+                row["task_accuracy"] = numbers.get("eval_accuracy")
+                row["task_examples"] = judged_examples(batches)
+        if options.lm_eval:
+            from wftool.eval.harness import run_lm_eval
+
+            bar = progress.add_task(f"{target.label}: lm-eval", total=None)
+            row["lm_eval"] = run_lm_eval(model, tokenizer, options.lm_eval, options.limit,
+                                         options.batch_size, _lm_eval_max_length(model),
+                                         device or "cpu")
+            progress.remove_task(bar)
+    finally:
+        if target.backend == "llama.cpp":
+            model.close()
+    return row
+
+
+def _lm_eval_max_length(model) -> int:
+    """The model's context (training context, or llama.cpp's), at most LM_EVAL_MAX_LENGTH."""
+    if hasattr(model, "llm"):
+        limit = min(model.context_length, model.n_ctx)
+    else:
+        limit = getattr(model.config, "max_position_embeddings", None) or LM_EVAL_MAX_LENGTH
+    return min(LM_EVAL_MAX_LENGTH, limit)
+
+
+def _tokenizer_mismatch(target: EvalTarget, first_label: str, s: HeldOutSet) -> WftError:
+    if target.backend == "llama.cpp":
+        return WftError(
+            f"llama.cpp tokenizes the {s.kind} data of {target.label} differently from the "
+            f"tokenizer of {first_label}: the GGUF's tokenizer metadata disagrees, so its "
+            "numbers would not be comparable", "re-export the GGUF from the checkpoint")
+    return WftError(f"{target.label} tokenizes the {s.kind} data differently from "
+                    f"{first_label}; per-token numbers would not be comparable",
+                    "evaluate models with different tokenizers in separate runs")
+
+
+class _Tracked(list):
+    """A batch list that advances a progress bar as evaluate_model walks it."""
+
+    def __init__(self, batches, progress: Progress, bar):
+        super().__init__(batches)
+        self.progress, self.bar = progress, bar
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            yield batch
+            self.progress.advance(self.bar)
+
+
+# ---- output ------------------------------------------------------------------------------
+HELD_OUT_COLUMNS = (("text loss", "text_loss"), ("text ppl", "text_ppl"),
+                    ("task loss", "task_loss"), ("task acc %", "task_accuracy"))
+
+
+def print_eval_table(report: EvalReport, console: Console) -> None:
+    """One table for the held-out sets, one for lm-eval tasks; rows are models."""
+    shown = [(t, k) for t, k in HELD_OUT_COLUMNS
+             if any(row.get(k) is not None for row in report.models)]
+    if shown:
+        table = _models_table("wft eval (held-out data)", report.models, shown)
+        console.print(table)
+        for s in report.sets:
+            count = f"{s['examples']:,} examples, " if s["kind"] == "task" else ""
+            console.print(f"{s['kind']}: {s['origin']}, {count}{s['tokens']:,} scored tokens "
+                          f"in {s['batches']} batches (seq_len {s['seq_len']})", highlight=False)
+    metrics = list(dict.fromkeys(k for row in report.models for k in row.get("lm_eval", {})
+                                 if not k.endswith(":n")))
+    if metrics:
+        rows = [dict(row, **row.get("lm_eval", {})) for row in report.models]
+        console.print(_models_table("lm-eval-harness", rows, [(m, m) for m in metrics]))
+        counts = {k.removesuffix(":n"): int(v) for row in report.models
+                  for k, v in row.get("lm_eval", {}).items() if k.endswith(":n")}
+        console.print("examples: " + ", ".join(f"{t} {n}" for t, n in counts.items()),
+                      highlight=False)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def _models_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("model", overflow="fold")
+    table.add_column("weights", no_wrap=True)
+    for name, _ in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(row["model"], row["weights"], *(_cell(k, row.get(k)) for _, k in columns))
+    return table
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "task_accuracy":
+        return f"{100 * value:.1f}"
+    if "loss" in key or ":" in key:
+        return f"{value:.4f}"
+    return f"{value:.3f}"

@@ -1,0 +1,149 @@
+"""A GGUF file run by llama.cpp, called like a Hugging Face causal LM and its tokenizer.
+
+`LlamaCppModel(input_ids, attention_mask, position_ids).logits` holds llama.cpp's logits at
+every position, so `evaluate_model` and the lm-eval adapter score a GGUF export with the same
+code as the PyTorch model. Each document of a packed row (its position ids restart at 0) and
+each right-padded example runs as a sequence of its own, which is what the PyTorch forward
+computes for such batches; logits of padding stay zero (nothing scores them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from wftool.errors import WftError
+
+
+def llamacpp_missing_error(path) -> WftError:
+    return WftError(f"{path} is a GGUF file, and evaluating one needs llama-cpp-python",
+                    "pip install 'wftool[llamacpp]' (builds llama.cpp, a few minutes)")
+
+
+def gguf_context_length(path: str | Path) -> int | None:
+    """The context a GGUF's model was trained with (its metadata), or None if unreadable."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(path)).fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        return int(fields[f"{arch}.context_length"].parts[-1][0])
+    except (KeyError, ValueError, IndexError, OSError):
+        return None
+
+
+class LlamaCppModel(nn.Module):
+    """llama.cpp with all-position logits (`logits_all`), for scoring; `n_ctx` bounds the
+    longest sequence."""
+
+    def __init__(self, path: str | Path, n_ctx: int, threads: int = 1):
+        super().__init__()
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise llamacpp_missing_error(path) from None
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                             logits_all=True, verbose=False)
+        except (ValueError, RuntimeError) as err:
+            raise WftError(f"llama.cpp cannot load {path}: {err}") from None
+        self.path, self.n_ctx, self.n_vocab = Path(path), n_ctx, self.llm.n_vocab()
+        self.metadata = dict(self.llm.metadata)
+
+    @property
+    def file_type(self) -> str:
+        """The GGUF's weight type as llama.cpp names it: TQ2_0, TQ1_0, F16, ..."""
+        from gguf import LlamaFileType
+
+        try:
+            return LlamaFileType(int(self.metadata["general.file_type"])).name.removeprefix(
+                "MOSTLY_")
+        except (KeyError, ValueError):
+            return "GGUF"
+
+    @property
+    def context_length(self) -> int:
+        """The context the model was trained with (from the GGUF metadata)."""
+        arch = self.metadata.get("general.architecture", "")
+        return int(self.metadata.get(f"{arch}.context_length", self.n_ctx))
+
+    def _logits(self, ids: list[int]) -> torch.Tensor:
+        if len(ids) > self.n_ctx:
+            raise WftError(f"a sequence of {len(ids)} tokens does not fit llama.cpp's context "
+                           f"of {self.n_ctx}", "lower --seq-len")
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        batch, width = input_ids.shape
+        logits = torch.zeros(batch, width, self.n_vocab)
+        for row in range(batch):
+            length = int(attention_mask[row].sum()) if attention_mask is not None else width
+            ids = input_ids[row, :length].tolist()
+            cuts = [0]
+            if position_ids is not None:
+                cuts += [i for i in range(1, length) if int(position_ids[row, i]) == 0]
+            for start, end in zip(cuts, cuts[1:] + [length]):
+                logits[row, start:end] = self._logits(ids[start:end])
+        return CausalLMOutput(logits=logits)
+
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id=None, stop_strings=None,
+                 tokenizer=None, **_) -> torch.Tensor:
+        """Greedy continuation of one sequence: the argmax of llama.cpp's logits, the pick
+        accuracy judges. Returns prompt + new tokens, as Hugging Face's generate does."""
+        ids = input_ids[0].tolist()
+        self.llm.reset()
+        self.llm.eval(ids)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            new.append(token)
+            if token == eos_token_id or self.llm.n_tokens >= self.n_ctx:
+                break
+            if stop_strings and tokenizer is not None:
+                text = tokenizer.decode(new)
+                if any(stop in text for stop in stop_strings):
+                    break
+            self.llm.eval([token])
+        return torch.tensor([ids + new])
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class LlamaCppTokenizer:
+    """The tokenizer stored in the GGUF, called as the packing code and lm-eval call a Hugging
+    Face tokenizer. Special-token text (`<|im_end|>`) is parsed as the special token, as the
+    Hugging Face tokenizer does; no BOS is added (wft's data has none)."""
+
+    def __init__(self, model: LlamaCppModel):
+        self.llm = model.llm
+        eos = self.llm.token_eos()
+        self.eos_token_id = eos if eos >= 0 else None
+        pad = model.metadata.get("tokenizer.ggml.padding_token_id")
+        self.pad_token_id = int(pad) if pad is not None else None
+        self.chat_template = model.metadata.get("tokenizer.chat_template")
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not text:
+            return []
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def __call__(self, text, add_special_tokens: bool = False) -> dict:
+        if isinstance(text, str):
+            return {"input_ids": self.encode(text)}
+        return {"input_ids": [self.encode(t) for t in text]}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        raw = self.llm.detokenize(list(ids), special=not skip_special_tokens)
+        return raw.decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return self.llm.n_vocab()
