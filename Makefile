@@ -9,7 +9,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
-EXTRAS ?= dev,serve,llamacpp
+EXTRAS ?= dev,serve,llamacpp,eval
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wft-installed
 
