@@ -187,11 +187,14 @@ def export_gguf(
         help="A recipe (exports its newest stage output) or a wft model directory.")],
     overrides: OverridesArg = None,
     gguf_type: Annotated[str, typer.Option(
-        "--type", help="tq1_0, tq2_0, f16 or bf16 (default: the recipe's export.type).")] = "",
+        "--type", help="tq1_0, tq2_0, f16 or bf16 (llama.cpp), or i2_s (BitNet.cpp only); the "
+        "architecture follows convert.sub_norm: paper -> bitnet, none -> llama (default: the "
+        "recipe's export.type).")] = "",
     output: Annotated[Optional[Path], typer.Option(help="Output .gguf file.")] = None,
     validate: Annotated[bool, typer.Option(help="Read the file back and check it.")] = True,
 ):
-    """Write a GGUF file for llama.cpp's `bitnet` architecture (TQ1_0, TQ2_0, F16, BF16)."""
+    """Write a GGUF file: llama.cpp's `bitnet` or `llama` architecture (TQ1_0, TQ2_0, F16,
+    BF16) or BitNet.cpp's I2_S."""
     from wftool.commands.export import export_source, print_export_report, run_export
 
     path = Path(source)

@@ -1,4 +1,4 @@
-"""TQ1_0 / TQ2_0 / I2_S packing against gguf-py and an independent unpacker."""
+"""TQ1_0 / TQ2_0 / I2_S packing against gguf-py and independent unpackers."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,10 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from wftool.export.ternary_packing import pack_i2_s, pack_tq1_0, pack_tq2_0
+from wftool.export.validate import unpack_i2_s
 from wftool.quant.ternary import ternarize
+
+TQ = [(pack_tq2_0, GGMLQuantizationType.TQ2_0), (pack_tq1_0, GGMLQuantizationType.TQ1_0)]
 
 
 def _codes(rows=6, cols=512, seed=0):
@@ -15,8 +18,7 @@ def _codes(rows=6, cols=512, seed=0):
     return codes
 
 
-@pytest.mark.parametrize("pack,qtype", [(pack_tq2_0, GGMLQuantizationType.TQ2_0),
-                                        (pack_tq1_0, GGMLQuantizationType.TQ1_0)])
+@pytest.mark.parametrize("pack,qtype", TQ)
 def test_tq_bytes_equal_gguf_py_and_dequantize_exactly(pack, qtype):
     codes = _codes()
     packed = pack(codes)
@@ -24,11 +26,20 @@ def test_tq_bytes_equal_gguf_py_and_dequantize_exactly(pack, qtype):
     assert np.array_equal(quants.dequantize(packed, qtype), codes.astype(np.float32))
 
 
-@pytest.mark.parametrize("pack", [pack_tq2_0, pack_tq1_0])
-def test_tq_of_a_real_ternarized_weight_times_scale_is_delta_codes(pack):
+@pytest.mark.parametrize("pack,qtype", TQ)
+def test_tq_with_the_delta_as_block_scale_equals_gguf_py(pack, qtype):
+    # The `llama` architecture has no .scale tensor: d = fp16(delta) in every block.
+    codes, delta = _codes(seed=3), 0.0123456
+    weight = codes.astype(np.float32) * np.float32(np.float16(delta))
+    packed = pack(codes, delta)
+    assert np.array_equal(packed, quants.quantize(weight, qtype))
+    assert np.array_equal(quants.dequantize(packed, qtype), weight)
+
+
+@pytest.mark.parametrize("pack,qtype", TQ)
+def test_tq_of_a_real_ternarized_weight_times_scale_is_delta_codes(pack, qtype):
     weight = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)) * 0.02
     codes, delta = ternarize(weight)
-    qtype = GGMLQuantizationType.TQ2_0 if pack is pack_tq2_0 else GGMLQuantizationType.TQ1_0
     restored = quants.dequantize(pack(codes.numpy()), qtype) * delta.item()
     expected = (codes.float() * delta).numpy()
     assert np.array_equal(restored, expected)
@@ -61,10 +72,32 @@ def test_i2_s_round_trips_through_an_independent_unpacker():
     assert packed.dtype == np.uint8 and packed.size == codes.size // 4 + 32
     values, delta = _unpack_i2_s(packed, codes.size)
     assert np.array_equal(values, codes.reshape(-1))
-    assert delta == pytest.approx(np.float32(0.0123))
+    assert delta == np.float32(0.0123)
     assert not packed[codes.size // 4 + 4 :].any()
 
 
-def test_i2_s_rejects_partial_groups():
-    with pytest.raises(ValueError, match="multiple of 128"):
-        pack_i2_s(np.zeros(100, dtype=np.int8), 1.0)
+def test_i2_s_first_byte_by_hand():
+    # Values 0, 32, 64, 96 of a group share byte 0, from the high bits down, as code + 1:
+    # +1 -> 0b10, -1 -> 0b00, 0 -> 0b01, +1 -> 0b10.
+    codes = np.zeros((1, 128), dtype=np.int8)
+    codes[0, [0, 32, 64, 96]] = [1, -1, 0, 1]
+    packed = pack_i2_s(codes, 1.0)
+    assert packed[0] == 0b10_00_01_10
+    assert (packed[1:32] == 0b01_01_01_01).all()  # all zeros elsewhere: code 1 everywhere
+    assert packed[32:36].tobytes() == np.float32(1.0).tobytes()
+
+
+def test_the_read_back_unpacker_agrees_with_the_one_value_at_a_time_one():
+    # Arbitrary bytes (not wft's packer output): both readers of the layout must agree.
+    data = np.random.default_rng(4).integers(0, 256, size=3 * 32 + 32, dtype=np.uint8)
+    expected, expected_delta = _unpack_i2_s(data, 3 * 128)
+    values, delta = unpack_i2_s(data, 3 * 128)
+    assert np.array_equal(values, expected)
+    assert delta == expected_delta or (np.isnan(delta) and np.isnan(expected_delta))
+
+
+def test_i2_s_rejects_partial_groups_naming_the_shape():
+    with pytest.raises(ValueError, match="multiple of 128.*\\(4, 100\\)"):
+        pack_i2_s(np.zeros((4, 100), dtype=np.int8), 1.0)
+    with pytest.raises(ValueError, match="in \\{-1, 0, 1\\}"):
+        pack_i2_s(np.full((1, 128), -2, dtype=np.int8), 1.0)

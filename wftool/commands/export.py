@@ -1,4 +1,5 @@
-"""`wft export-gguf`: a trained student -> GGUF for llama.cpp, validated by reading it back."""
+"""`wft export-gguf`: a trained student -> GGUF for llama.cpp (or BitNet.cpp for I2_S),
+validated by reading it back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from wftool.errors import WftError
-from wftool.export.gguf_bitnet import bitnet_export_problems, write_bitnet_gguf
+from wftool.export.gguf_target import EXPORT_TYPES, GgufTarget, plan_gguf_export
+from wftool.export.gguf_writer import write_gguf
 from wftool.export.validate import (
     VALIDATION_PROMPTS,
     check_gguf_tensors,
@@ -23,19 +25,23 @@ from wftool.train.stages import final_dir
 
 # Newest first: the stage whose output a recipe export takes.
 EXPORT_SOURCE_STAGES = ("distill", "pretrain", "layerwise", "convert")
-WRITABLE_TYPES = ("tq1_0", "tq2_0", "f16", "bf16")
+WRITABLE_TYPES = EXPORT_TYPES
 
 
 @dataclass
 class ExportResult:
     path: Path
     source: Path
-    export_type: str
+    target: GgufTarget
     tensors: int
     ternary: int
     size_mb: float
     problems: list[str]
     llamacpp: dict | None = None  # logits comparison, when llama-cpp-python is installed
+
+    @property
+    def export_type(self) -> str:
+        return self.target.export_type
 
 
 def export_source(recipe: Recipe) -> Path:
@@ -76,42 +82,49 @@ def run_export(source: Path, export_type: str, output: Path | None, validate: bo
                name: str, threads: int = 1) -> ExportResult:
     if export_type not in WRITABLE_TYPES:
         raise WftError(
-            f"--type {export_type} is not available yet; available: {', '.join(WRITABLE_TYPES)}"
+            f"--type {export_type} is not available; available: {', '.join(WRITABLE_TYPES)}"
         )
     model, tokenizer, meta = load_model_dir(source)
     if meta is None:
         raise WftError(f"{source} is a full-precision model, not a wft student",
                        "llama.cpp's own convert_hf_to_gguf.py exports full-precision models")
     family = family_by_name(meta.family)
-    problems = bitnet_export_problems(model, family, meta.sub_norm, meta.quant_mix, export_type)
+    target, problems = plan_gguf_export(model, family, meta.sub_norm, meta.quant_mix,
+                                        export_type)
     if problems:
+        arch = f"`{target.arch}`" if target else "any"
         raise WftError(
-            f"{source} cannot be written exactly as a llama.cpp `bitnet` {export_type} GGUF:\n  "
+            f"{source} cannot be written exactly as a llama.cpp {arch} {export_type} GGUF:\n  "
             + "\n  ".join(problems),
-            "Qwen3 / untied / `all`-placement students run with `wft serve --backend torch`; "
-            "rows that are not multiples of 256 fit `--type f16`",
+            "paper SubLN goes to `bitnet`, convert.sub_norm=none to `llama`; Qwen3, "
+            "`all`-placement and untied SubLN students run with `wft serve --backend torch`; "
+            "rows that are not multiples of 256 fit `--type f16` (or i2_s: multiples of 128)",
         )
     output = Path(output) if output else source.parent / f"{name}-{export_type}.gguf"
-    written = write_bitnet_gguf(model, tokenizer, family, export_type, output, name)
-    found = check_gguf_tensors(output, model, family, written) if validate else []
+    written = write_gguf(model, tokenizer, family, target, output, name)
+    found = check_gguf_tensors(output, model, target, written) if validate else []
     llamacpp = None
-    if validate and not found and llamacpp_available():
+    if validate and not found and target.runtime == "llama.cpp" and llamacpp_available():
         prompts = validation_prompts(source, tokenizer)
         llamacpp = compare_with_llamacpp(output, model, tokenizer, export_type, threads, prompts)
         found.extend(llamacpp["problems"])
-    return ExportResult(output, source, export_type, len(written),
+    return ExportResult(output, source, target, len(written),
                         sum(t.kind == "ternary" for t in written),
                         output.stat().st_size / 1e6, found, llamacpp)
 
 
 def print_export_report(result: ExportResult, validated: bool, console: Console) -> None:
+    target = result.target
     table = Table(title=f"wft export-gguf: {result.path}", show_header=False,
                   title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     table.add_row("from", str(result.source))
-    table.add_row("architecture", f"bitnet, {result.export_type.upper()}")
-    table.add_row("tensors", f"{result.tensors} ({result.ternary} ternary, each with an F32 scale)")
+    table.add_row("architecture", f"{target.arch}, {target.export_type.upper()}")
+    table.add_row("runtime", "BitNet.cpp only (extern/BitNet, see extern/README.md)"
+                  if target.runtime == "BitNet.cpp" else "llama.cpp")
+    table.add_row("tensors", f"{result.tensors} ({result.ternary} ternary)")
+    table.add_row("delta", target.delta_storage)
     table.add_row("size", f"{result.size_mb:.2f} MB")
     if not validated:
         table.add_row("read-back", "skipped (--no-validate)")
@@ -119,7 +132,10 @@ def print_export_report(result: ExportResult, validated: bool, console: Console)
         table.add_row("read-back", "[red]FAILED[/]: " + "; ".join(result.problems[:5]))
     else:
         table.add_row("read-back", "ok: names, shapes, every ternary value exact")
-    if validated and result.llamacpp is None:
+    if validated and target.runtime == "BitNet.cpp":
+        table.add_row("llama.cpp", "skipped: I2_S loads only in BitNet.cpp; nothing "
+                      "installed here can load it")
+    elif validated and result.llamacpp is None:
         table.add_row("llama.cpp", "not checked (pip install 'wftool[llamacpp]' to compare logits)")
     elif result.llamacpp is not None:
         stats = result.llamacpp

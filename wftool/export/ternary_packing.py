@@ -1,9 +1,11 @@
 """Ternary codes -> the byte layouts of GGUF's TQ1_0 / TQ2_0 and BitNet.cpp's I2_S.
 
 The input is always `ternarize(W).codes` (int8 in {-1, 0, 1}), never latent weights. TQ
-blocks get d = 1 (0 for an all-zero block, as llama.cpp's own quantizer writes it), so the
-per-tensor delta travels separately as an F32 `.scale` tensor and is not rounded to fp16.
-The bytes equal what gguf-py's quantizer writes for the float tensor `codes`.
+blocks get d = `scale` rounded to fp16 (0 for an all-zero block, as llama.cpp's own
+quantizer writes it): d = 1 where the per-tensor delta travels separately as an F32 `.scale`
+tensor (the `bitnet` architecture), d = delta where it must live in the blocks (`llama`).
+The bytes equal what gguf-py's quantizer writes for the float tensor `codes * fp16(scale)`.
+I2_S is BitNet.cpp's own type: 2-bit codes and the delta as fp32 in a 32-byte tail.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ TQ2_0_BLOCK_BYTES = 66  # 64 bytes of 2-bit codes + fp16 d
 TQ1_0_BLOCK_BYTES = 54  # 48 bytes of base-3 codes + fp16 d
 I2_S_GROUP = 128  # values per 32-byte I2_S group (x86 layout)
 I2_S_TAIL_BYTES = 32  # trailing bytes; the first 4 hold the fp32 delta
+I2_S_TYPE_ID = 36  # GGML_TYPE_I2_S in BitNet.cpp's fork; upstream reuses ids past 35
+I2_S_FILE_TYPE = 40  # LLAMA_FTYPE_MOSTLY_I2_S (general.file_type) in the same fork
 
 # A base-3 number x in [0, 243) is stored as ceil(x * 256 / 243), so the decoder can take
 # digits with a multiply and a shift; a table does that division once for all 243 values.
@@ -35,23 +39,24 @@ def _blocks(codes: np.ndarray) -> tuple[np.ndarray, int]:
     return blocks, codes.shape[0]
 
 
-def _block_scales(blocks: np.ndarray) -> np.ndarray:
-    """fp16 d per block as 2 bytes: 1.0, or 0.0 where the block is all zeros."""
-    d = np.any(blocks != 0, axis=1).astype(np.float16)
+def _block_scales(blocks: np.ndarray, scale: float) -> np.ndarray:
+    """fp16 d per block as 2 bytes: fp16(scale), or 0.0 where the block is all zeros."""
+    d = blocks.any(axis=1).astype(np.float16) * np.float16(scale)
     return d.reshape(-1, 1).view(np.uint8)
 
 
-def pack_tq2_0(codes: np.ndarray) -> np.ndarray:
-    """[rows, cols] int8 codes -> [rows, cols / 256 * 66] bytes of TQ2_0."""
+def pack_tq2_0(codes: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """[rows, cols] int8 codes -> [rows, cols / 256 * 66] bytes of TQ2_0, block d = scale."""
     blocks, rows = _blocks(codes)
     q = (blocks + 1).astype(np.uint8).reshape(-1, 2, 4, 32)
     packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
-    out = np.concatenate([packed.reshape(-1, 64), _block_scales(blocks)], axis=1)
+    out = np.concatenate([packed.reshape(-1, 64), _block_scales(blocks, scale)], axis=1)
     return out.reshape(rows, -1)
 
 
-def pack_tq1_0(codes: np.ndarray) -> np.ndarray:
-    """[rows, cols] int8 codes -> [rows, cols / 256 * 54] bytes of TQ1_0 (base-3, 5 per byte)."""
+def pack_tq1_0(codes: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """[rows, cols] int8 codes -> [rows, cols / 256 * 54] bytes of TQ1_0 (base-3, 5 per byte),
+    block d = scale."""
     blocks, rows = _blocks(codes)
     q = (blocks + 1).astype(np.uint8)
     base3 = np.concatenate(
@@ -63,7 +68,7 @@ def pack_tq1_0(codes: np.ndarray) -> np.ndarray:
         ],
         axis=1,
     )
-    out = np.concatenate([_BASE3_TO_BYTE[base3], _block_scales(blocks)], axis=1)
+    out = np.concatenate([_BASE3_TO_BYTE[base3], _block_scales(blocks, scale)], axis=1)
     return out.reshape(rows, -1)
 
 
@@ -77,14 +82,22 @@ def _horner(digits: np.ndarray, n: int) -> np.ndarray:
 
 
 def pack_i2_s(codes: np.ndarray, delta: float) -> np.ndarray:
-    """All codes of a tensor -> BitNet.cpp's x86 I2_S bytes: 2 bits per value, each group of
-    128 values in 32 bytes (byte j holds values j, j+32, j+64, j+96 from the high bits
-    down), then a 32-byte tail whose first 4 bytes are the fp32 delta."""
-    flat = np.asarray(codes).reshape(-1)
-    if flat.dtype != np.int8:
-        raise TypeError(f"ternary codes must be int8, got {flat.dtype}")
-    if flat.size % I2_S_GROUP:
-        raise ValueError(f"I2_S needs a multiple of {I2_S_GROUP} values; got {flat.size}")
+    """All codes of a tensor -> BitNet.cpp's x86 I2_S bytes: 2 bits per value (code + 1),
+    each group of 128 values in 32 bytes (byte j holds values j, j+32, j+64, j+96 from the
+    high bits down), then a 32-byte tail whose first 4 bytes are the fp32 delta and the rest
+    zeros. This is `quantize_i2_s` of src/ggml-bitnet-mad.cpp on x86 builds with
+    ACT_PARALLEL (the default in include/gemm-config.h) and on the 2024 releases; rows must
+    be whole groups, since its kernels step through a row 128 values at a time."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.int8:
+        raise TypeError(f"ternary codes must be int8, got {codes.dtype}")
+    if codes.ndim != 2 or codes.shape[1] % I2_S_GROUP:
+        raise ValueError(
+            f"I2_S needs rows of a multiple of {I2_S_GROUP} values; got shape {codes.shape}"
+        )
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise ValueError("codes must be in {-1, 0, 1}")
+    flat = codes.reshape(-1)
     q = (flat + 1).astype(np.uint8).reshape(-1, 4, 32)
     packed = (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3]
     tail = np.zeros(I2_S_TAIL_BYTES, dtype=np.uint8)

@@ -6,20 +6,28 @@ from pathlib import Path
 
 import numpy as np
 
-from wftool.export.gguf_bitnet import ExportedTensor
-from wftool.quant.bitlinear import BitLinear
+from wftool.export.gguf_layout import read_gguf_layout
+from wftool.export.gguf_target import GgufTarget
+from wftool.export.gguf_writer import ExportedTensor, llama_rope_permute
+from wftool.export.ternary_packing import I2_S_TYPE_ID
 from wftool.quant.ternary import ternarize
 
+I2_S_UNPACK_CHUNK = 1 << 20  # values per step of the I2_S read-back (bounds its memory)
 
-def check_gguf_tensors(path: Path, model, family, written: list[ExportedTensor]) -> list[str]:
-    """Problems found re-reading `path`: missing or extra tensors, wrong shapes, ternary
-    tensors whose dequantized codes x scale differ from delta x codes in any value."""
+
+def check_gguf_tensors(path: Path, model, target: GgufTarget,
+                       written: list[ExportedTensor]) -> list[str]:
+    """Problems found re-reading `path`: wrong architecture, missing or extra tensors, wrong
+    shapes or types, ternary tensors whose values (times their `.scale` tensor, if any)
+    differ in any element from the model's codes x the delta the file is meant to hold."""
+    if target.export_type == "i2_s":
+        return _check_i2_s(path, model, target, written)
     from gguf import GGUFReader, quants
 
     reader = GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    problems = [] if arch == target.arch else [f"architecture {arch!r}, expected {target.arch!r}"]
     tensors = {t.name: t for t in reader.tensors}
-    problems = []
-    modules = _bitlinear_by_gguf_name(model, family)
     for item in written:
         tensor = tensors.get(item.name)
         if tensor is None:
@@ -31,32 +39,96 @@ def check_gguf_tensors(path: Path, model, family, written: list[ExportedTensor])
             continue
         if item.kind != "ternary":
             continue
-        base = item.name.removesuffix(".weight")
-        scale = tensors.get(f"{base}.scale")
-        if scale is None:
-            problems.append(f"{base}.scale: missing")
-            continue
-        codes, delta = ternarize(modules[item.name].weight)
+        codes, delta = _expected_codes(model, item)
         values = quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        if not np.array_equal(values, codes.numpy().astype(np.float32)):
-            problems.append(f"{item.name}: dequantized codes differ from the model's")
-        if np.float32(scale.data[0]) != np.float32(delta.item()):
-            problems.append(f"{base}.scale: {scale.data[0]} != delta {delta.item()}")
-    expected = {i.name for i in written} | {
-        i.name.removesuffix(".weight") + ".scale" for i in written if i.kind == "ternary"}
-    for extra in sorted(set(tensors) - expected):
-        problems.append(f"{extra}: unexpected tensor")
+        if target.scale_tensors:
+            base = item.name.removesuffix(".weight")
+            scale = tensors.get(f"{base}.scale")
+            if scale is None:
+                problems.append(f"{base}.scale: missing")
+            elif np.float32(scale.data[0]) != np.float32(delta):
+                problems.append(f"{base}.scale: {scale.data[0]} != delta {delta}")
+        expected = codes.astype(np.float32) * np.float32(
+            1.0 if target.scale_tensors else target.stored_delta(delta))
+        if not np.array_equal(values, expected):
+            problems.append(f"{item.name}: dequantized values differ from the model's "
+                            "ternary codes x delta")
+    problems += _unexpected(tensors, target, written)
     return problems
 
 
-def _bitlinear_by_gguf_name(model, family) -> dict[str, BitLinear]:
-    found = {}
-    for index, layer in enumerate(model.get_submodule(family.layers)):
-        for module_path, short in family.bitnet_layer_tensors:
-            module = layer.get_submodule(module_path)
-            if isinstance(module, BitLinear):
-                found[f"blk.{index}.{short}.weight"] = module
-    return found
+def _expected_codes(model, item: ExportedTensor) -> tuple[np.ndarray, float]:
+    """The int8 codes (in the file's row order) and the float32 delta of a projection."""
+    codes, delta = ternarize(model.get_submodule(item.module).weight)
+    codes = codes.cpu().numpy()
+    if item.permute_heads:
+        codes = llama_rope_permute(codes, item.permute_heads)
+    return codes, float(delta.item())
+
+
+def _unexpected(names, target: GgufTarget, written: list[ExportedTensor]) -> list[str]:
+    expected = {i.name for i in written}
+    if target.scale_tensors:
+        expected |= {i.name.removesuffix(".weight") + ".scale"
+                     for i in written if i.kind == "ternary"}
+    return [f"{extra}: unexpected tensor" for extra in sorted(set(names) - expected)]
+
+
+def unpack_i2_s(data: np.ndarray, n: int) -> tuple[np.ndarray, float]:
+    """BitNet.cpp's x86 I2_S bytes -> (n int8 codes, fp32 delta), read from the layout's
+    description rather than by undoing wft's packer: value i sits in 32-byte group i // 128,
+    at byte i % 32 of it, in bits 7-6, 5-4, 3-2 or 1-0 for (i % 128) // 32 = 0, 1, 2, 3, as
+    code + 1; the fp32 delta is the first 4 bytes after the n / 4 code bytes. An invalid
+    2-bit value (3) comes back as code 2, which no comparison with real codes accepts."""
+    data = np.asarray(data, dtype=np.uint8).reshape(-1)
+    codes = np.empty(n, dtype=np.int8)
+    for start in range(0, n, I2_S_UNPACK_CHUNK):
+        index = np.arange(start, min(n, start + I2_S_UNPACK_CHUNK), dtype=np.int64)
+        byte = data[(index // 128) * 32 + index % 32]
+        shift = (6 - 2 * ((index % 128) // 32)).astype(np.uint8)
+        codes[start:start + index.size] = ((byte >> shift) & 3).astype(np.int8) - 1
+    delta = float(data[n // 4:n // 4 + 4].view("<f4")[0])
+    return codes, delta
+
+
+def _check_i2_s(path: Path, model, target: GgufTarget,
+                written: list[ExportedTensor]) -> list[str]:
+    """The I2_S read-back, on wft's own GGUF parser (gguf-py does not know type 36)."""
+    layout = read_gguf_layout(path)
+    arch = layout.metadata.get("general.architecture")
+    problems = [] if arch == target.arch else [f"architecture {arch!r}, expected {target.arch!r}"]
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for item in written:
+        entry = layout.tensor(item.name)
+        if entry is None:
+            problems.append(f"{item.name}: missing")
+            continue
+        if entry.shape != item.shape:
+            problems.append(f"{item.name}: shape {entry.shape}, expected {item.shape}")
+            continue
+        if item.kind != "ternary":
+            continue
+        if entry.type_id != I2_S_TYPE_ID:
+            problems.append(f"{item.name}: GGML type {entry.type_id}, expected I2_S "
+                            f"({I2_S_TYPE_ID})")
+            continue
+        n = int(np.prod(item.shape))
+        size = n // 4 + 32  # BitNet.cpp's ggml_nbytes for I2_S: codes plus a 32-byte tail
+        if layout.data_end(entry) - entry.offset < size:
+            problems.append(f"{item.name}: {layout.data_end(entry) - entry.offset} data "
+                            f"bytes, I2_S needs {size}")
+            continue
+        stored = np.asarray(data[entry.offset:entry.offset + size])
+        values, stored_delta = unpack_i2_s(stored, n)
+        codes, delta = _expected_codes(model, item)
+        if not np.array_equal(values, codes.reshape(-1)):
+            problems.append(f"{item.name}: I2_S codes differ from the model's")
+        if np.float32(stored_delta) != np.float32(delta):
+            problems.append(f"{item.name}: tail delta {stored_delta} != delta {delta}")
+        if stored[n // 4 + 4:].any():
+            problems.append(f"{item.name}: bytes 4-31 of the I2_S tail are not zero")
+    problems += _unexpected([t.name for t in layout.tensors], target, written)
+    return problems
 
 
 # Fixed prompts for the logits comparison: plain text and a chat-formatted turn.

@@ -1,8 +1,8 @@
 """What wft knows about each supported model family, one table entry per family.
 
 Module names, where SubLN goes, and whether a converted model of that family can be written
-to llama.cpp's `bitnet` GGUF architecture all live here, so the rest of the code never
-branches on a family name.
+to llama.cpp's `bitnet` (paper SubLN) or `llama` (no sub-norms) GGUF architecture all live
+here, so the rest of the code never branches on a family name.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from wftool.errors import WftError
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 GGUF_BLOCK = 256  # TQ1_0 / TQ2_0 row lengths must be multiples of this
+# The sub-norm placement each llama.cpp architecture computes: `bitnet` applies the paper's
+# two SubLN norms, `llama` none. Per-projection norms (`all`) fit neither.
+GGUF_ARCH_SUB_NORM = {"bitnet": "paper", "llama": "none"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Family:
     )
     # Why no upstream llama.cpp architecture with sub-norms can hold this family, if so.
     bitnet_gguf_blocker: str | None = None
+    # Why llama.cpp's `llama` architecture (students without sub-norms) cannot, if so.
+    llama_gguf_blocker: str | None = None
     # Per-layer module path -> llama.cpp `bitnet` tensor name (blk.N.<name>).
     bitnet_layer_tensors: tuple[tuple[str, str], ...] = (
         ("input_layernorm", "attn_norm"),
@@ -59,6 +64,16 @@ class Family:
     )
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
+
+    def gguf_layer_tensors(self, arch: str) -> tuple[tuple[str, str], ...]:
+        """Per-layer (module path, tensor name) of a GGUF architecture: `bitnet` has the
+        sub-norms, `llama` is the same list without them."""
+        if arch == "bitnet":
+            return self.bitnet_layer_tensors
+        if arch == "llama":
+            sub_norms = {f"{slot.parent}.{slot.name}" for slot in self.sub_norms}
+            return tuple(t for t in self.bitnet_layer_tensors if t[0] not in sub_norms)
+        raise ValueError(f"no GGUF tensor table for architecture {arch!r}")
 
     def projections(self) -> tuple[tuple[str, str], ...]:
         """(block attribute, projection name) for every projection BitLinear replaces."""
@@ -77,6 +92,8 @@ FAMILIES: dict[str, Family] = {
             ("qwen2",),
             "Qwen2, Qwen2.5",
             bitnet_gguf_blocker="Q/K/V projections have biases, which the bitnet graph lacks",
+            llama_gguf_blocker=("Q/K/V projections have biases; llama.cpp runs Qwen2 as its "
+                                "own `qwen2` architecture, which wft does not write"),
         ),
         Family(
             "qwen3",
@@ -84,6 +101,10 @@ FAMILIES: dict[str, Family] = {
             "Qwen3",
             bitnet_gguf_blocker=(
                 "QK-norm (q_norm/k_norm) has no slot in the bitnet graph; "
+                "serve Qwen3 students with `wft serve --backend torch`"
+            ),
+            llama_gguf_blocker=(
+                "QK-norm (q_norm/k_norm) has no slot in the llama graph; "
                 "serve Qwen3 students with `wft serve --backend torch`"
             ),
         ),
@@ -114,20 +135,33 @@ def family_by_name(name: str) -> Family:
         ) from None
 
 
-def bitnet_gguf_blockers(family: Family, config, sub_norm: str) -> list[str]:
-    """Reasons a converted model cannot be written exactly to llama.cpp's `bitnet` arch."""
+def gguf_structure_blockers(family: Family, config, sub_norm: str, arch: str) -> list[str]:
+    """Reasons the model's structure (not its widths) differs from llama.cpp's `arch` graph."""
     reasons = []
-    if family.bitnet_gguf_blocker:
-        reasons.append(family.bitnet_gguf_blocker)
-    if sub_norm != "paper":
-        reasons.append(f"sub_norm placement '{sub_norm}' (bitnet needs 'paper')")
-    if not getattr(config, "tie_word_embeddings", False):
+    blocker = family.bitnet_gguf_blocker if arch == "bitnet" else family.llama_gguf_blocker
+    if blocker:
+        reasons.append(blocker)
+    if sub_norm != GGUF_ARCH_SUB_NORM[arch]:
+        reasons.append(f"sub_norm placement '{sub_norm}' ({arch} needs "
+                       f"'{GGUF_ARCH_SUB_NORM[arch]}')")
+    if arch == "bitnet" and not getattr(config, "tie_word_embeddings", False):
         reasons.append("lm_head is not tied to the embeddings (bitnet has no output tensor)")
     if getattr(config, "hidden_act", "silu") != "silu":
-        reasons.append(f"activation '{config.hidden_act}' (bitnet hard-codes SiLU)")
+        reasons.append(f"activation '{config.hidden_act}' ({arch} hard-codes SiLU)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim * config.num_attention_heads != config.hidden_size:
         reasons.append("n_heads * head_dim != hidden_size")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        reasons.append(f"RoPE scaling '{rope_type}' is not written to the GGUF yet")
+    return reasons
+
+
+def bitnet_gguf_blockers(family: Family, config, sub_norm: str) -> list[str]:
+    """Reasons a converted model cannot be written exactly to llama.cpp's `bitnet` arch
+    as TQ1_0/TQ2_0 (the structure, plus widths that are not whole TQ blocks)."""
+    reasons = gguf_structure_blockers(family, config, sub_norm, "bitnet")
     for name, width in (
         ("hidden_size", config.hidden_size),
         ("intermediate_size", config.intermediate_size),

@@ -1,0 +1,217 @@
+"""A wft student as a GGUF file for llama.cpp's `bitnet` or `llama` architecture.
+
+Projections are written from `ternarize(W)` (never the latent weights) as TQ1_0, TQ2_0,
+I2_S or F16/BF16 codes. Where the per-tensor delta goes depends on the target (see
+GgufTarget.delta_storage): an F32 `blk.N.<proj>.scale` tensor for `bitnet` (block d = 1),
+the fp16 block scale or the float values for `llama`, the fp32 tail for I2_S. For `llama`
+the Q and K rows are permuted as llama.cpp's convert_hf_to_gguf.py does, because its RoPE
+rotates adjacent pairs where Hugging Face rotates halves. Embeddings and norms stay in
+floating point; the tokenizer and chat template go into the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wftool.errors import WftError
+from wftool.export.gguf_target import GgufTarget
+from wftool.export.ternary_packing import (
+    I2_S_FILE_TYPE,
+    I2_S_TYPE_ID,
+    pack_i2_s,
+    pack_tq1_0,
+    pack_tq2_0,
+)
+from wftool.model.families import Family
+from wftool.quant.bitlinear import BitLinear
+from wftool.quant.ternary import ternarize
+
+I2_S_DESCRIPTION = ("wft ternary student. Its I2_S tensors (GGML type 36) load only in "
+                    "BitNet.cpp (github.com/microsoft/BitNet, x86 layout), not in upstream "
+                    "llama.cpp, which uses type 36 for something else.")
+
+
+@dataclass
+class ExportedTensor:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "ternary" or "float"
+    module: str | None = None  # the BitLinear it came from (ternary tensors)
+    permute_heads: int | None = None  # heads of the llama RoPE row permutation, if applied
+
+
+def llama_rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder the rows of a Q or K projection from Hugging Face's rotate-half RoPE to
+    llama.cpp's adjacent-pair RoPE: within each head, row i of the first half and row i of
+    the second half become rows 2i and 2i+1 (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    head_rows = rows.shape[0] // n_head
+    return (rows.reshape(n_head, 2, head_rows // 2, *rows.shape[1:])
+            .swapaxes(1, 2).reshape(rows.shape))
+
+
+def _float_array(tensor: torch.Tensor, export_type: str) -> tuple[np.ndarray, object]:
+    from gguf import GGMLQuantizationType
+
+    data = tensor.detach().float().cpu()
+    if export_type == "bf16":
+        raw = data.bfloat16().view(torch.int16).numpy().view(np.uint8)
+        return raw.reshape(*data.shape[:-1], -1), GGMLQuantizationType.BF16
+    return data.numpy().astype(np.float16), None
+
+
+def _add_ternary(writer, gguf_name: str, codes: np.ndarray, delta: float,
+                 target: GgufTarget) -> None:
+    """One projection's codes as `target.export_type`, with the delta where the target keeps
+    it inside the tensor."""
+    from gguf import GGMLQuantizationType
+
+    kind = target.export_type
+    if kind == "i2_s":
+        # gguf-py has no type 36: an int8 view of the bytes and the declared shape keep it
+        # from converting the shape through its own block-size table.
+        writer.add_tensor(gguf_name, pack_i2_s(codes, delta).view(np.int8),
+                          raw_shape=codes.shape, raw_dtype=I2_S_TYPE_ID)
+        return
+    d = 1.0 if target.scale_tensors else delta
+    if kind in ("tq1_0", "tq2_0"):
+        pack, qtype = ((pack_tq2_0, GGMLQuantizationType.TQ2_0) if kind == "tq2_0"
+                       else (pack_tq1_0, GGMLQuantizationType.TQ1_0))
+        writer.add_tensor(gguf_name, pack(codes, d), raw_dtype=qtype)
+        return
+    values = torch.from_numpy(codes).float() * target.stored_delta(d)
+    array, raw_dtype = _float_array(values, kind)
+    writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _add_tokenizer(writer, tokenizer) -> None:
+    from gguf import TokenType
+
+    vocab_size = len(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    special = set(tokenizer.all_special_ids)
+    added = set(tokenizer.get_added_vocab().values())
+    types = [
+        TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i in added
+        else TokenType.NORMAL
+        for i in range(vocab_size)
+    ]
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise WftError(f"tokenizer model {model.get('type')} is not byte-level BPE; "
+                       "llama.cpp's gpt2 tokenizer needs BPE")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _file_type(export_type: str) -> int:
+    import gguf
+
+    return {"tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0, "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
+            "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "i2_s": I2_S_FILE_TYPE}[export_type]
+
+
+def _add_hparams(writer, config, head_dim: int) -> None:
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def write_gguf(model, tokenizer, family: Family, target: GgufTarget, output: Path,
+               name: str = "wft-student") -> list[ExportedTensor]:
+    """Write `model` to `output` atomically; returns what was written. Call
+    plan_gguf_export first: this function assumes the model fits `target`."""
+    import gguf
+
+    config = model.config
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # llama.cpp's `llama` RoPE pairs adjacent rows: Q and K are permuted per head.
+    permuted = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    float_type = "bf16" if target.export_type == "bf16" else "f16"
+    writer = gguf.GGUFWriter(tmp, target.arch)
+    written: list[ExportedTensor] = []
+    try:
+        writer.add_name(name)
+        writer.add_file_type(_file_type(target.export_type))
+        if target.export_type == "i2_s":
+            writer.add_description(I2_S_DESCRIPTION)
+        _add_hparams(writer, config, head_dim)
+        _add_tokenizer(writer, tokenizer)
+
+        def add_float(gguf_name: str, tensor: torch.Tensor, keep_f32: bool = False):
+            if keep_f32:  # norms stay F32, as llama.cpp's converter writes them
+                writer.add_tensor(gguf_name, tensor.detach().float().cpu().numpy())
+            else:
+                array, raw_dtype = _float_array(tensor, float_type)
+                writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+            written.append(ExportedTensor(gguf_name, tuple(tensor.shape), "float"))
+
+        add_float("token_embd.weight", model.get_submodule(family.embeddings).weight)
+        if not getattr(config, "tie_word_embeddings", False):  # `llama` only: see the plan
+            add_float("output.weight", model.get_output_embeddings().weight)
+        for index, layer in enumerate(model.get_submodule(family.layers)):
+            for module_path, short in family.gguf_layer_tensors(target.arch):
+                module = layer.get_submodule(module_path)
+                gguf_name = f"blk.{index}.{short}"
+                if not isinstance(module, BitLinear):
+                    add_float(f"{gguf_name}.weight", module.weight, keep_f32=True)
+                    continue
+                codes, delta = ternarize(module.weight)
+                codes = codes.cpu().numpy()
+                heads = permuted.get(short) if target.arch == "llama" else None
+                if heads:
+                    codes = llama_rope_permute(codes, heads)
+                _add_ternary(writer, f"{gguf_name}.weight", codes, delta.item(), target)
+                if target.scale_tensors:
+                    writer.add_tensor(f"{gguf_name}.scale",
+                                      np.array([delta.item()], dtype=np.float32))
+                written.append(ExportedTensor(
+                    f"{gguf_name}.weight", tuple(module.weight.shape), "ternary",
+                    f"{family.layers}.{index}.{module_path}", heads))
+        add_float("output_norm.weight", model.get_submodule(family.final_norm).weight,
+                  keep_f32=True)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
