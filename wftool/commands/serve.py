@@ -56,7 +56,8 @@ def resolve_target(source: str, overrides: list[str], options: ServeOptions) -> 
     """A GGUF file -> llamacpp, a model directory -> torch, a recipe -> its `serve` section
     and the export (llamacpp) or newest stage output (torch) it produced."""
     path = Path(source)
-    if path.is_file() or (path / "config.json").exists():
+    is_recipe_file = path.suffix in (".yaml", ".yml")
+    if (path.is_file() and not is_recipe_file) or (path / "config.json").exists():
         if overrides:
             raise WftError("overrides apply to recipes, not to a model file or directory")
         inferred = "llamacpp" if path.is_file() else "torch"
