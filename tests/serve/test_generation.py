@@ -67,3 +67,43 @@ def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
     generator = torch.Generator().manual_seed(0)
     draws = {sample_token(logits, Sampling(1.0, 0.7), generator) for _ in range(300)}
     assert draws == {0, 1}  # 0.5 < 0.7 <= 0.8: tokens 0 and 1 only
+
+
+def test_text_held_back_for_a_stop_string_is_sent_when_the_model_ends(engine):
+    ids = []
+    for token in engine.sample(engine.encode("kiza pa", chat=False), Sampling(0.0)):
+        ids.append(token)
+        if len(ids) == 12:
+            break
+    # The last greedy token not seen before ends the sequence, as EOS would.
+    end = max(k for k in range(2, 12) if ids[k] not in ids[:k])
+    text = engine.decode(ids[:end])
+    ending = TorchEngine(engine.model, engine.tokenizer)
+    ending._eos = {ids[end]}
+    # A stop string that starts with the text's tail but never completes.
+    held, finish, _ = _run(ending, "kiza pa", max_tokens=24, sampling=Sampling(0.0),
+                           stop=[text[-2:] + "\x00never"])
+    assert finish == "stop" and held == text
+
+
+def test_llamacpp_seed_does_not_leak_into_later_requests(tmp_path, llama_student, tokenizer):
+    from tests.conftest import require_llamacpp
+
+    require_llamacpp()
+    from wftool.export.gguf_target import GgufTarget
+    from wftool.export.gguf_writer import write_gguf
+    from wftool.model.families import FAMILIES
+    from wftool.serve.engine_llamacpp import LlamaCppEngine
+
+    path = tmp_path / "s.gguf"
+    write_gguf(llama_student, tokenizer, FAMILIES["llama"], GgufTarget("bitnet", "f16"), path)
+    llamacpp = LlamaCppEngine(path, threads=1, context_length=128)
+    try:
+        def draw(seed):
+            return _run(llamacpp, "kiza pa", max_tokens=12, sampling=Sampling(1.0, 1.0, seed))[0]
+
+        seeded = draw(7)
+        assert draw(7) == seeded
+        assert draw(None) != draw(None)  # unseeded requests are random again
+    finally:
+        llamacpp.close()

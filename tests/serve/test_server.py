@@ -1,5 +1,6 @@
 """`wft serve` as a real process: both backends, streaming, limits and errors over HTTP."""
 
+import json
 import socket
 
 import pytest
@@ -145,3 +146,30 @@ def test_serve_reports_bad_sources_and_taken_ports(tmp_path, qwen3_student):
     assert busy.exit_code == 2 and "cannot listen" in busy.output
     recipe = runner.invoke(app, ["serve", "tiny", f"output_dir={tmp_path}"])
     assert recipe.exit_code == 2 and "wft export-gguf tiny" in " ".join(recipe.output.split())
+
+
+def test_malformed_and_oversized_bodies_get_4xx(torch_server):
+    import http.client
+    from urllib.parse import urlparse
+
+    address = urlparse(torch_server)
+
+    def send(body: bytes, chunked: bool = False) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        try:
+            chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+            connection.request("POST", "/v1/completions", body=chunks if chunked else body,
+                               headers={"Content-Type": "application/json"},
+                               encode_chunked=chunked)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    status, error = send(b'{"prompt": "kiza", ')
+    assert status == 400 and "not valid JSON" in error["error"]["message"]
+    big = json.dumps({"prompt": "kiza " * 300_000}).encode()  # 1.5 MB
+    assert send(big)[0] == 413
+    assert send(big, chunked=True)[0] == 413  # no Content-Length to trust
+    status, error = send(json.dumps({"prompt": ""}).encode())
+    assert status == 400 and error["error"]["param"] == "prompt"

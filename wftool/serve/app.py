@@ -2,19 +2,21 @@
 
 One generation runs at a time (engines are not thread-safe and each already uses every
 thread it was given); up to `max_concurrent` requests are admitted and wait their turn,
-further ones get 429 at once instead of queueing without bound.
+further ones get 429 at once instead of queueing without bound. A request's slot is freed
+by the response itself, so a client that disconnects mid-stream frees it too.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,17 +26,15 @@ from wftool.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 # OpenAI's default for /v1/completions; chat completions default to the server's limit.
 COMPLETION_DEFAULT_TOKENS = 16
-# Request fields with only one accepted value here, and what that value is.
-UNSUPPORTED = {"n": "one choice per request", "best_of": "1 only", "echo": "false only",
-               "logprobs": "omit it", "suffix": "omit it", "tools": "omit it",
-               "frequency_penalty": "0 only", "presence_penalty": "0 only"}
+# Pydantic names union members in error locations ("prompt.str"); clients want the field.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|dict|list|none|[\w-]+\[.*\])$")
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_tokens: int = 512
-    max_prompt_tokens: int = 4096
-    max_concurrent: int = 4
+    max_tokens: int
+    max_prompt_tokens: int
+    max_concurrent: int
     max_body_bytes: int = 1 << 20
 
 
@@ -48,6 +48,10 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == 429 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 class Admission:
@@ -68,54 +72,101 @@ class Admission:
             self.active -= 1
 
 
+class BodySizeLimit:
+    """ASGI middleware: reads the request body first and refuses it past `limit` bytes,
+    whether announced by Content-Length or sent chunked."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                error = ApiError(413, f"request body over {self.limit} bytes")
+                return await error.response()(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # from here on: the disconnect notice
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+class AdmittedStream(StreamingResponse):
+    """A streamed answer that closes its generators and frees its admission slot when the
+    response ends for any reason: finished, failed, or the client gone."""
+
+    def __init__(self, events: Iterator[str], closers: list[Callable[[], None]]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._closers = closers
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for close in self._closers:
+                close()
+
+
 def _field_path(loc) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in loc if p != "body" and not _UNION_MEMBER.match(str(p))]
     return ".".join(parts) or "body"
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
 def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> FastAPI:
     app = FastAPI(title="wft", description=f"OpenAI-compatible API serving {model_id}",
                   docs_url=None, redoc_url=None)
+    app.add_middleware(BodySizeLimit, limit=limits.max_body_bytes)
     admission = Admission(limits.max_concurrent)
     engine_lock = threading.Lock()
-    created = int(time.time())
-
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limits.max_body_bytes:
-            return _error(ApiError(413, f"request body over {limits.max_body_bytes} bytes"))
-        return await call_next(request)
+    model_card = {"id": model_id, "object": "model", "created": int(time.time()),
+                  "owned_by": "wft"}
 
     @app.exception_handler(ApiError)
     async def api_error(_request, err: ApiError):
-        return _error(err)
+        return err.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, err: RequestValidationError):
         first = err.errors()[0]
+        if first.get("type") == "json_invalid":
+            return ApiError(400, "the request body is not valid JSON").response()
         field = _field_path(first.get("loc", ()))
-        message = first.get("msg", "invalid value")
-        if field in UNSUPPORTED:
-            message = f"not supported by this server ({UNSUPPORTED[field]})"
-        return _error(ApiError(400, f"{field}: {message}", param=field))
+        message = first.get("msg", "invalid value").removeprefix("Value error, ")
+        return ApiError(400, f"{field}: {message}", param=field).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, err: StarletteHTTPException):
-        return _error(ApiError(err.status_code, str(err.detail), code="not_found"
-                               if err.status_code == 404 else None))
+        code = "not_found" if err.status_code == 404 else None
+        return ApiError(err.status_code, str(err.detail), code=code).response()
 
     @app.exception_handler(Exception)
     async def internal_error(_request, err: Exception):
-        return _error(ApiError(500, f"generation failed: {type(err).__name__}: {err}",
-                               kind="server_error"))
+        return ApiError(500, f"generation failed: {type(err).__name__}: {err}",
+                        kind="server_error").response()
 
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_id, "backend": backend,
                 "requests_in_flight": admission.active}
-
-    model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "wft"}
 
     @app.get("/v1/models")
     def list_models():
@@ -131,47 +182,56 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
             raise ApiError(404, f"model '{name}' is not served here; this server serves "
                            f"'{model_id}'", param="model", code="model_not_found")
 
-    def _prepare(request, prompt: str, chat: bool, default_tokens: int) -> Generation:
+    def _prepare(body, prompt: str, chat: bool, default_tokens: int) -> Generation:
+        field = "messages" if chat else "prompt"
         ids = engine.encode(prompt, chat)
+        if not ids:
+            raise ApiError(400, f"{field}: empty prompt", param=field)
         if len(ids) > limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
-                           f"{limits.max_prompt_tokens}", param="prompt" if not chat else
-                           "messages", code="context_length_exceeded")
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at "
+                           f"most {limits.max_prompt_tokens}", param=field,
+                           code="context_length_exceeded")
         room = engine.context_length - len(ids)
         if room <= 0:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, the model's context is "
-                           f"{engine.context_length}", code="context_length_exceeded")
-        wanted = request.requested_tokens
+                           f"{engine.context_length}", param=field,
+                           code="context_length_exceeded")
+        wanted = body.requested_tokens
         if wanted is not None and wanted > limits.max_tokens:
             raise ApiError(400, f"max_tokens {wanted} is over this server's limit of "
                            f"{limits.max_tokens}", param="max_tokens")
         max_tokens = min(default_tokens if wanted is None else wanted, room)
-        sampling = Sampling(request.temperature, request.top_p, request.seed)
-        return Generation(ids, max_tokens, sampling, request.stops, chat)
+        sampling = Sampling(body.temperature, body.top_p, body.seed)
+        return Generation(ids, max_tokens, sampling, body.stops, chat)
 
-    def _run(generation: Generation) -> Iterator:
-        """Pieces of one admitted generation; releases its admission when done."""
-        try:
-            with engine_lock:
-                yield from generate(engine, generation)
-        finally:
-            admission.leave()
+    def _pieces(generation: Generation) -> Iterator:
+        with engine_lock:
+            yield from generate(engine, generation)
 
     def _usage(generation: Generation) -> dict:
         prompt = len(generation.prompt_ids)
         return {"prompt_tokens": prompt, "completion_tokens": generation.completion_tokens,
                 "total_tokens": prompt + generation.completion_tokens}
 
-    def _respond(request, generation: Generation, chat: bool):
+    def _answer(body, render_prompt: Callable[[], str], chat: bool, default_tokens: int):
+        """Admit the request, then answer it whole or as a stream."""
         admission.enter()
-        pieces = _run(generation)
-        prefix = "chatcmpl" if chat else "cmpl"
-        head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": model_id}
-        if request.stream:
-            return StreamingResponse(_events(pieces, generation, head, chat, request),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+        handed_over = False
+        try:
+            generation = _prepare(body, render_prompt(), chat, default_tokens)
+            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                    "created": int(time.time()), "model": model_id}
+            pieces = _pieces(generation)
+            if body.stream:
+                events = _events(pieces, generation, head, chat, body.include_usage)
+                handed_over = True
+                return AdmittedStream(events, [events.close, pieces.close, admission.leave])
+            return _whole(pieces, generation, head, chat)
+        finally:
+            if not handed_over:
+                admission.leave()
+
+    def _whole(pieces, generation: Generation, head: dict, chat: bool) -> dict:
         text, finish = [], None
         for piece in pieces:
             text.append(piece.text)
@@ -182,55 +242,58 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
         else:
             choice = {"index": 0, "text": "".join(text), "finish_reason": finish,
                       "logprobs": None}
-        obj = "chat.completion" if chat else "text_completion"
-        return {**head, "object": obj, "choices": [choice], "usage": _usage(generation)}
+        kind = "chat.completion" if chat else "text_completion"
+        return {**head, "object": kind, "choices": [choice], "usage": _usage(generation)}
 
-    def _events(pieces, generation, head, chat, request) -> Iterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    def _events(pieces, generation: Generation, head: dict, chat: bool,
+                include_usage: bool) -> Iterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def event(choice: dict, **extra) -> str:
-            return f"data: {json.dumps({**head, 'object': obj, 'choices': [choice], **extra})}\n\n"
+        def chunk(text: str | None, finish: str | None) -> str:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                          "logprobs": None}
+            return _sse({**head, "object": kind, "choices": [choice]})
 
         try:
             if chat:
-                yield event({"index": 0, "delta": {"role": "assistant", "content": ""},
-                             "finish_reason": None})
+                yield _sse({**head, "object": kind, "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""},
+                     "finish_reason": None}]})
             for piece in pieces:
                 if piece.text:
-                    delta = {"content": piece.text} if chat else None
-                    yield event({"index": 0, "finish_reason": None,
-                                 **({"delta": delta} if chat else
-                                    {"text": piece.text, "logprobs": None})})
+                    yield chunk(piece.text, None)
                 if piece.finish_reason:
-                    yield event({"index": 0, "finish_reason": piece.finish_reason,
-                                 **({"delta": {}} if chat else {"text": "", "logprobs": None})})
-            if request.include_usage:
-                yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': _usage(generation)})}\n\n"
+                    yield chunk(None, piece.finish_reason)
+            if include_usage:
+                yield _sse({**head, "object": kind, "choices": [], "usage": _usage(generation)})
         except Exception as err:  # headers are sent: report in-band, as OpenAI does
-            yield f"data: {json.dumps(ApiError(500, f'generation failed: {err}', kind='server_error').body())}\n\n"
-        finally:
-            pieces.close()
-        yield "data: [DONE]\n\n"
+            yield _sse(ApiError(500, f"generation failed: {err}", kind="server_error").body())
+        yield _sse("[DONE]")
 
-    @app.post("/v1/completions")
-    def completions(request: CompletionRequest):
-        _check_model(request.model)
-        generation = _prepare(request, request.prompt, False, COMPLETION_DEFAULT_TOKENS)
-        return _respond(request, generation, chat=False)
+    def _chat_prompt(body: ChatCompletionRequest) -> str:
+        from jinja2 import TemplateError
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatCompletionRequest):
-        _check_model(request.model)
         if not engine.chat_template:
             raise ApiError(400, f"'{model_id}' has no chat template; use /v1/completions",
                            param="messages")
-        prompt = engine.render_chat(request.template_messages())
-        generation = _prepare(request, prompt, True, limits.max_tokens)
-        return _respond(request, generation, chat=True)
+        try:
+            return engine.render_chat(body.template_messages())
+        except TemplateError as err:  # templates reject e.g. two user turns in a row
+            raise ApiError(400, f"messages: the chat template refused them: {err}",
+                           param="messages") from None
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest):
+        _check_model(body.model)
+        return _answer(body, lambda: body.prompt, False, COMPLETION_DEFAULT_TOKENS)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatCompletionRequest):
+        _check_model(body.model)
+        return _answer(body, lambda: _chat_prompt(body), True, limits.max_tokens)
 
     return app
-
-
-def _error(err: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if err.status == 429 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)

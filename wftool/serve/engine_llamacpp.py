@@ -31,11 +31,13 @@ def trained_context_length(path: Path) -> int | None:
 class LlamaCppEngine:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None):
         try:
+            import llama_cpp
             from llama_cpp import Llama
         except ImportError:
             raise WftError("the llamacpp backend needs llama-cpp-python",
                            "pip install 'wftool[llamacpp]' (builds llama.cpp, ~6-13 min on 2 "
                            "cores), or serve a model directory with --backend torch") from None
+        self._llama_cpp = llama_cpp
         threads = threads or os.cpu_count() or 1
         trained = trained_context_length(path)
         if context_length is None or (trained and trained < context_length):
@@ -82,8 +84,10 @@ class LlamaCppEngine:
         return self._eos | self._end_of_turn if chat else set(self._eos)
 
     def sample(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
-        if sampling.seed is not None:
-            self.llm.set_seed(sampling.seed)
+        # set_seed persists in the Llama object: reset it, or one request's seed would make
+        # every later unseeded request repeat the same "random" text.
+        seed = self._llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
+        self.llm.set_seed(seed % 2**32)
         # top_k 0 and min_p 0 switch those filters off: only temperature and top_p apply,
         # as in the torch backend and the OpenAI API.
         yield from self.llm.generate(prompt_ids, temp=sampling.temperature,

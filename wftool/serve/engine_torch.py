@@ -16,16 +16,18 @@ from wftool.serve.generation import END_OF_TURN_TOKENS, Sampling
 
 
 def sample_token(logits: torch.Tensor, sampling: Sampling, generator) -> int:
-    """Greedy at temperature 0, else nucleus sampling from softmax(logits / T)."""
+    """Greedy at temperature 0; else llama.cpp's order, so both backends draw from the same
+    distribution: keep the smallest set of tokens whose probability (before temperature)
+    reaches top_p, then sample from softmax(logits / T) over that set."""
     if sampling.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    logits = logits.float()
     if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always the top token).
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs, order = torch.softmax(logits, dim=-1).sort(descending=True)
+        outside = probs.cumsum(-1) - probs >= sampling.top_p  # the top token always stays
+        logits = logits.clone()
+        logits[order[outside]] = float("-inf")
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -72,11 +72,12 @@ def generate(engine: Engine, request: Generation) -> Iterator[Piece]:
     """Sample until EOS / end of turn, a stop string, or max_tokens; yield text deltas.
 
     Text is decoded from all generated ids each step (a token may end mid-character), and
-    a tail that could be the start of a stop string is held back until it is decided."""
+    a tail that could be the start of a stop string is held back until it is decided; when
+    generation ends any other way, the held-back tail is sent."""
     stop_ids = engine.stop_ids(request.chat)
     ids: list[int] = []
     sent = 0  # characters of the decoded text already yielded
-    finish = "length"
+    finish, stopped_by_string = "length", False
     if request.max_tokens > 0:
         for token in engine.sample(request.prompt_ids, request.sampling):
             if token in stop_ids:
@@ -90,7 +91,7 @@ def generate(engine: Engine, request: Generation) -> Iterator[Piece]:
             if cut >= 0:
                 if cut > sent:
                     yield Piece(text[sent:cut])
-                sent, finish = cut, "stop"
+                finish, stopped_by_string = "stop", True
                 break
             ready = len(text) - _held_back(text, request.stop)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
@@ -100,7 +101,7 @@ def generate(engine: Engine, request: Generation) -> Iterator[Piece]:
                 sent = ready
             if len(ids) >= request.max_tokens:
                 break
-    if finish == "length" and ids:
+    if not stopped_by_string and ids:
         text = engine.decode(ids)
         if len(text) > sent:
             yield Piece(text[sent:])

@@ -1,16 +1,32 @@
 """OpenAI API request bodies wft accepts, validated before anything reaches a model.
 
 Unknown fields are ignored (clients send many); fields that would change the answer in a
-way wft does not implement (n > 1, logprobs, echo, penalties) are refused with a 400
-rather than silently dropped. `model` is only ever compared with the served model's id:
+way wft does not implement (n > 1, logprobs, echo, penalties, logit_bias, tools, JSON
+response formats) are refused with a 400 naming the field rather than silently dropped. `model` is only ever compared with the served model's id:
 no request can name a file to load.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _only(accepted: str, ok) -> AfterValidator:
+    """A field wft accepts with one meaning only; anything else is refused, naming it."""
+
+    def check(value):
+        if not ok(value):
+            raise ValueError(f"not supported by this server (accepted: {accepted})")
+        return value
+
+    return AfterValidator(check)
+
+
+_EMPTY = _only("omit it", lambda v: not v)
+_ZERO = _only("0", lambda v: v == 0)
+_ONE = _only("1", lambda v: v == 1)
 
 
 class _Request(BaseModel):
@@ -22,12 +38,15 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported")
     stream_options: dict | None = None
+    n: Annotated[int, _ONE] = 1
+    frequency_penalty: Annotated[float, _ZERO] = 0.0
+    presence_penalty: Annotated[float, _ZERO] = 0.0
+    logit_bias: Annotated[Any, _EMPTY] = None
+    logprobs: Annotated[Any, _EMPTY] = None
+    top_logprobs: Annotated[Any, _EMPTY] = None
 
     @field_validator("stop")
     @classmethod
@@ -53,10 +72,9 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str]]
-    echo: Literal[False] = False
-    logprobs: None = Field(None, description="not supported")
-    best_of: int = Field(1, ge=1, le=1)
-    suffix: None = Field(None, description="not supported")
+    echo: Annotated[bool, _only("false", lambda v: not v)] = False
+    best_of: Annotated[int, _ONE] = 1
+    suffix: Annotated[Any, _EMPTY] = None
 
     @field_validator("prompt")
     @classmethod
@@ -88,8 +106,12 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: Literal[False, None] = Field(None, description="not supported")
-    tools: None = Field(None, description="not supported")
+    tools: Annotated[Any, _EMPTY] = None
+    functions: Annotated[Any, _EMPTY] = None
+    tool_choice: Annotated[Any, _only("none", lambda v: v in (None, "none"))] = None
+    response_format: Annotated[Any, _only('{"type": "text"}',
+                                          lambda v: not v or (isinstance(v, dict)
+                                                          and v.get("type") == "text"))] = None
 
     def template_messages(self) -> list[dict]:
         # "developer" is the newer name of "system"; templates know "system".
