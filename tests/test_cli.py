@@ -49,6 +49,10 @@ def test_convert_tiny_end_to_end(tmp_path):
                                  "convert.sub_norm=all"])
     assert forced.exit_code == 0, forced.output
     assert "llama.cpp bitnet: no" in forced.output
+    plain = runner.invoke(app, ["convert", "tiny", "--output", str(out), "--force",
+                                "convert.sub_norm=none"])
+    assert plain.exit_code == 0, plain.output
+    assert "llama.cpp llama: ok" in plain.output  # no sub-norms: the plain llama graph
 
 
 def test_convert_unsupported_family_exits_2(tmp_path):

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from wftool.errors import WftError
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
-from wftool.model.families import bitnet_gguf_blockers
+from wftool.model.families import bitnet_gguf_blockers, gguf_arch_for
 from wftool.model.loading import load_source_model
 from wftool.model.surgery import ConversionReport, convert_to_bitnet
 from wftool.recipe.schema import Recipe
@@ -25,6 +25,7 @@ class ConvertResult:
     output: Path
     report: ConversionReport
     family: str
+    gguf_arch: str  # the llama.cpp architecture its SubLN placement exports to
     gguf_blockers: list[str]
 
 
@@ -49,8 +50,9 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
     save_model_dir(model, tokenizer, output, meta)
     if recipe.sync_to:
         upload_dir(output, stage_url(recipe.sync_to, recipe.name, "convert"))
-    blockers = bitnet_gguf_blockers(family, model.config, stage.sub_norm)
-    return ConvertResult(output, report, family.name, blockers)
+    arch = gguf_arch_for(stage.sub_norm)
+    blockers = bitnet_gguf_blockers(family, model.config, stage.sub_norm, arch)
+    return ConvertResult(output, report, family.name, arch, blockers)
 
 
 def _first_sub_norm_eps(model) -> float:
@@ -80,8 +82,9 @@ def print_convert_summary(result: ConvertResult, recipe: Recipe, console: Consol
         "ternary size",
         f"{report.quantized_params * 4 / 1e6:.1f} MB as fp32 -> {ternary_mb:.1f} MB as TQ2_0",
     )
-    gguf = "llama.cpp bitnet: ok" if not result.gguf_blockers else (
-        "llama.cpp bitnet: no (" + "; ".join(result.gguf_blockers) + ")"
+    target = f"llama.cpp {result.gguf_arch}"
+    gguf = f"{target}: ok" if not result.gguf_blockers else (
+        f"{target}: no (" + "; ".join(result.gguf_blockers) + ")"
     )
     table.add_row("export", gguf)
     table.add_row("saved to", str(result.output))

@@ -158,10 +158,17 @@ def gguf_structure_blockers(family: Family, config, sub_norm: str, arch: str) ->
     return reasons
 
 
-def bitnet_gguf_blockers(family: Family, config, sub_norm: str) -> list[str]:
-    """Reasons a converted model cannot be written exactly to llama.cpp's `bitnet` arch
-    as TQ1_0/TQ2_0 (the structure, plus widths that are not whole TQ blocks)."""
-    reasons = gguf_structure_blockers(family, config, sub_norm, "bitnet")
+def gguf_arch_for(sub_norm: str) -> str:
+    """The llama.cpp architecture a student converted with `sub_norm` exports to (`bitnet`
+    for placements that fit none, so its reasons are the ones reported)."""
+    return next((arch for arch, s in GGUF_ARCH_SUB_NORM.items() if s == sub_norm), "bitnet")
+
+
+def bitnet_gguf_blockers(family: Family, config, sub_norm: str,
+                         arch: str = "bitnet") -> list[str]:
+    """Reasons a converted model cannot be written exactly to llama.cpp's `arch` (default
+    `bitnet`) as TQ1_0/TQ2_0 (the structure, plus widths that are not whole TQ blocks)."""
+    reasons = gguf_structure_blockers(family, config, sub_norm, arch)
     for name, width in (
         ("hidden_size", config.hidden_size),
         ("intermediate_size", config.intermediate_size),
