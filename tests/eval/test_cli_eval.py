@@ -37,7 +37,9 @@ def test_eval_prints_a_table_and_writes_json(student_dir, teacher_dir, text_file
         model, tokenizer, _ = load_model_dir(row["path"])
         assert_matches(row, expected_numbers(model, tokenizer, text_file, task_file, 48))
     text_set = report["sets"][0]
-    assert f"{text_set['tokens']:,} scored tokens" in result.output
+    assert (text_set["documents"], text_set["complete"]) == (7, True)
+    shown = " ".join(result.output.split())  # rich wraps long lines
+    assert f"all 7 documents, {text_set['tokens']:,} scored tokens" in shown
     assert f"{100 * report['models'][1]['task_accuracy']:.1f}" in result.output
 
 
@@ -83,6 +85,27 @@ def test_eval_recipe_covers_teacher_and_students_on_the_training_eval_batches(tm
     assert alone.exit_code == 0, alone.output
     (row,) = json.loads(out.read_text())["models"]
     assert row["text_loss"] == pytest.approx(report["models"][0]["text_loss"], rel=1e-9)
+
+
+def test_eval_recipe_scores_each_held_out_document_once(tmp_path):
+    """--batches past the end of a file-backed eval split stops there (training's reader
+    would start the file over) and says how much was scored."""
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"kiza pa povo vo {i} zafi zi"}) + "\n"
+                            for i in range(40)))
+    data = {"seq_len": 32, "eval_fraction": 0.1, "eval_batches": 2,
+            "sources": [{"files": [str(rows)]}]}
+    recipe = small_recipe(tmp_path, data=data)
+    assert runner.invoke(app, ["convert", recipe]).exit_code == 0
+    out = tmp_path / "r.json"
+    result = _eval(recipe, "--batches", 50, "--batch-size", 2, "--output", out)
+    assert result.exit_code == 0, result.output
+    text = json.loads(out.read_text())["sets"][0]
+    assert (text["documents"], text["complete"]) == (4, True)  # rows 0, 10, 20, 30 held out
+    assert text["batches"] < 50
+    shown = " ".join(result.output.split())
+    assert f"small: data (eval split), all 4 documents, {text['tokens']:,} scored tokens" in shown
+    assert f"holds 4 documents, {text['batches']} of the 50 batches asked for" in shown
 
 
 def test_eval_recipe_includes_its_gguf_export(tmp_path):
@@ -132,6 +155,17 @@ def test_missing_optional_packages_say_how_to_install(tmp_path, student_dir, tex
     _fails(_eval(gguf, "--text", text_file), "needs llama-cpp-python", "wftool[llamacpp]")
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     _fails(_eval(student_dir, "--lm-eval", "hellaswag"), "lm-eval-harness", "pip install lm-eval")
+
+
+def test_out_of_memory_names_the_options_to_lower(student_dir, text_file, monkeypatch):
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("wftool.train.evaluation.evaluate_model", out_of_memory)
+    _fails(_eval(student_dir, "--text", text_file, "--batch-size", 64), "out of memory",
+           "batch size 64", "lower --batch-size or --seq-len")
 
 
 def test_a_broken_gguf_is_refused_clearly(tmp_path, text_file):

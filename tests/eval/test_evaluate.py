@@ -53,3 +53,28 @@ def test_batches_option_bounds_the_work(student_dir, text_file, task_file):
     assert text["tokens"] == 2 * 2 * 15 and task["examples"] == 4
     (row,) = report.models
     assert row["text_tokens"] == text["tokens"]
+
+
+def test_recipe_original_model_is_loaded_from_the_recipe_model_section(
+        teacher_dir, student_dir, tmp_path, text_file):
+    """The model a recipe names is loaded as training loads it: the recipe's dtype (and
+    revision and tokenizer) apply, not whatever the directory holds."""
+    import yaml
+
+    from wftool.eval.targets import recipe_targets
+    from wftool.recipe.load import load_recipe
+
+    recipe = tmp_path / "named.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "named", "output_dir": str(tmp_path / "runs"),
+        "model": {"name_or_path": str(teacher_dir), "dtype": "bfloat16"}}))
+    converted = tmp_path / "runs" / "named" / "convert" / "final"
+    converted.parent.mkdir(parents=True)
+    converted.symlink_to(student_dir)  # stands in for `wft convert`'s output
+    original = recipe_targets(load_recipe(str(recipe)))[0]
+    assert original.label == "original model (FP)"
+    assert original.spec == load_recipe(str(recipe)).model
+    options = EvalOptions(text=text_file, seq_len=48, batch_size=3)
+    named, student = run_eval([str(recipe)], options, quiet).models
+    assert (named["model"], named["weights"]) == ("original model (FP)", "FP (bfloat16)")
+    assert student["weights"] == "ternary"

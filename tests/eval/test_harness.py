@@ -144,3 +144,30 @@ def test_gguf_loglikelihoods_match_the_student(student, student_dir, tmp_path):
         gguf.close()
     for (a, _), (b, _) in zip(ours, theirs):
         assert b == pytest.approx(a, rel=1e-2)
+
+
+class _SilentEos:
+    """The student's tokenizer, except that EOS decodes to "" (as a control token can)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def __call__(self, text, add_special_tokens=False):
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=False):
+        ids = [i for i in ids if i != self.eos_token_id]
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_generation_with_an_eos_that_decodes_to_nothing(student):
+    from wftool.eval.harness import WftLM
+
+    model, tokenizer = student
+    request = ("kiza pa povo", {"until": [""], "max_gen_toks": 4})  # "" stops nothing
+    (expected,) = WftLM(model, tokenizer, max_length=64).generate_until(
+        _instances("generate_until", [request]))
+    (got,) = WftLM(model, _SilentEos(tokenizer), max_length=64).generate_until(
+        _instances("generate_until", [request]))
+    assert got == expected.split(tokenizer.decode([tokenizer.eos_token_id]))[0]

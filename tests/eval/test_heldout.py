@@ -1,4 +1,5 @@
-"""Held-out files become the batches training's packing would make, each example once."""
+"""Held-out files and recipe eval splits become the batches training's packing would make,
+each example once."""
 
 import json
 
@@ -6,15 +7,20 @@ import pytest
 import torch
 
 from tests.eval.conftest import packed_rows, read_jsonl
-from wftool.data.packing import IGNORE_INDEX
+from wftool.data.packing import IGNORE_INDEX, build_stream
+from wftool.data.sources import DocumentMixer
 from wftool.errors import WftError
 from wftool.eval.heldout import HeldOutSet, file_documents, judged_examples, same_tokens
+from wftool.recipe.schema import DataSource, DataSpec
+from wftool.train.evaluation import eval_batches
 
 
 def test_text_file_is_packed_once_with_positions_restarting_per_document(tokenizer, text_file):
     docs = file_documents(text_file, "text")
     assert len(docs) == 7
-    batches = HeldOutSet("text", "f", 40, file=text_file).batches(tokenizer, batch_size=2)
+    held = HeldOutSet("text", "f", 40, file=text_file).batches(tokenizer, batch_size=2)
+    assert (held.documents, held.complete) == (7, True)
+    batches = held.batches
     rows = [r for b in batches for r in b["input_ids"].tolist()]
     positions = [p for b in batches for p in b["position_ids"].tolist()]
     expected = packed_rows(tokenizer, docs, 40)
@@ -30,7 +36,7 @@ def test_task_file_scores_answers_only(tokenizer, tmp_path):
     rows = [{"prompt": "kiza pa ->", "answer": " left"}, {"prompt": "vo ->", "answer": " right"},
             {"prompt": "zi ->", "answer": " left"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    batches = HeldOutSet("task", "f", 32, file=path).batches(tokenizer, batch_size=2)
+    batches = HeldOutSet("task", "f", 32, file=path).batches(tokenizer, batch_size=2).batches
     assert [b["input_ids"].shape[0] for b in batches] == [2, 1]
     first = batches[0]
     for i, row in enumerate(read_jsonl(path)[:2]):
@@ -38,8 +44,55 @@ def test_task_file_scores_answers_only(tokenizer, tmp_path):
         labels = first["labels"][i]
         assert labels[labels.ne(IGNORE_INDEX)].tolist() == answer + [tokenizer.eos_token_id]
     assert judged_examples(batches) == 3
-    assert same_tokens(HeldOutSet("task", "f", 32, file=path).batches(tokenizer, 2, limit=1),
-                       batches[:1])
+    first = HeldOutSet("task", "f", 32, file=path).batches(tokenizer, 2, limit=1)
+    assert same_tokens(first.batches, batches[:1])
+    assert (first.documents, first.complete) == (2, False)
+
+
+def _split(tmp_path, fmt, n_docs=20):
+    """A data section over a 20-row file holding out every 4th document: 5 held out."""
+    path = tmp_path / f"{fmt}.jsonl"
+    words = ["kiza", "pa", "povo", "vo", "zafi", "zi", "lu", "domilu", "sabula", "nibo"]
+    rows = []
+    for i in range(n_docs):
+        text = " ".join(words[(i + k) % len(words)] for k in range(3 + i % 7)) + f" {i}"
+        rows.append({"text": text} if fmt == "text" else {"prompt": text, "answer": f" {i}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return DataSpec(format=fmt, sources=[DataSource(files=[str(path)])], seq_len=16,
+                    eval_fraction=0.25, eval_batches=2)
+
+
+@pytest.mark.parametrize("fmt", ["text", "task"])
+def test_recipe_eval_split_is_read_once_however_many_batches_are_asked(fmt, tokenizer,
+                                                                       tmp_path):
+    data = _split(tmp_path, fmt)
+    # Training's eval stream repeats the source forever: after the 5 held-out documents it
+    # brings another epoch's shuffle of the rows, documents that training trained on.
+    mixer = DocumentMixer(data, "eval")
+    drawn = [mixer.next_document() for _ in range(10)]
+    held_out = drawn[:5]
+    assert len(set(map(str, held_out))) == 5
+    assert not set(map(str, drawn[5:])) <= set(map(str, held_out))
+
+    split = HeldOutSet(fmt, "r", 16, data=data)
+    held = split.batches(tokenizer, batch_size=2, limit=100)
+    assert (held.documents, held.complete) == (5, True)
+    if fmt == "task":
+        assert [b["input_ids"].shape[0] for b in held.batches] == [2, 2, 1]
+        answers = [b["labels"][r][b["labels"][r].ne(IGNORE_INDEX)].tolist()[:-1]
+                   for b in held.batches for r in range(b["labels"].shape[0])]
+        assert answers == [tokenizer(a, add_special_tokens=False)["input_ids"]
+                           for _, a in held_out]
+    else:
+        rows = [r for b in held.batches for r in b["input_ids"].tolist()]
+        assert rows == [[t for seg in segments for t in seg]
+                        for segments in packed_rows(tokenizer, held_out, 16)]
+    # Asked for fewer than the split holds: training's own first batches, not the whole split.
+    first = split.batches(tokenizer, batch_size=2, limit=1)
+    assert not first.complete and 0 < first.documents < 5
+    assert same_tokens(first.batches, eval_batches(data.model_copy(update={"eval_batches": 1}),
+                                                   tokenizer, 2))
+    assert same_tokens(first.batches, [build_stream(data, tokenizer, "eval").next_batch(2)])
 
 
 def test_same_tokens_ignores_padding_only():

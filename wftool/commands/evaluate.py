@@ -10,6 +10,8 @@ One definition of every number, whatever runs the model (`wftool.train.evaluatio
 - task: only the answer tokens (and the EOS that closes the answer) are scored; accuracy is
   the share of examples whose answer tokens, EOS excluded, are all the model's argmax under
   teacher forcing (prompt + the gold answer so far), i.e. exact match of greedy decoding.
+- each held-out document counts once: a recipe's eval split is read once, however many
+  --batches are asked for (the table and the JSON say how many documents were scored).
 A wft student runs its quantized forward (ternary weights, int8 activations, the
 quantization mix it was saved with); a GGUF file runs in llama.cpp with its own tokenizer,
 whose token ids must equal those of the first model in the table (else it is refused).
@@ -29,6 +31,7 @@ from rich.table import Table
 from wftool.errors import WftError
 from wftool.eval.heldout import (
     HeldOutSet,
+    SetBatches,
     heldout_sets,
     judged_examples,
     same_tokens,
@@ -76,7 +79,7 @@ def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalRe
             "pass --text FILE and/or --task FILE, or a recipe (or a checkpoint with its "
             "recipe.yaml) whose data holds documents out (data.eval_fraction > 0)")
     _quiet_datasets()
-    reference: dict[str, tuple[str, list[dict]]] = {}
+    reference: dict[str, tuple[str, SetBatches]] = {}
     models, notes = [], []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=console, transient=True) as progress:
@@ -87,19 +90,27 @@ def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalRe
             except WftError as err:
                 if not target.found:
                     raise
-                notes.append(f"{target.label}: skipped ({err.message})")
+                hint = f"; {err.hint}" if err.hint else ""
+                notes.append(f"{target.label}: skipped ({err.message}{hint})")
                 continue
             row["seconds"] = round(time.perf_counter() - start, 2)
             models.append(row)
             console.print(f"[dim]evaluated {target.label} in {row['seconds']:.1f} s[/]")
     described = []
     for s in sets:
-        _, batches = reference.get(s.kind, (None, []))
+        _, held = reference.get(s.kind, (None, SetBatches([], 0, False)))
         entry = {"kind": s.kind, "origin": s.origin, "seq_len": s.seq_len,
-                 "batches": len(batches), "tokens": scored_tokens(batches)}
+                 "batches": len(held.batches), "documents": held.documents,
+                 "complete": held.complete, "tokens": scored_tokens(held.batches)}
         if s.task:
-            entry["examples"] = judged_examples(batches)
+            entry["examples"] = judged_examples(held.batches)
         described.append(entry)
+        asked = options.batches or (s.data.eval_batches if s.data is not None else None)
+        if s.data is not None and held.complete and asked and len(held.batches) < asked:
+            noun = "examples" if s.task else "documents"
+            notes.append(f"{s.kind}: {s.origin} holds {held.documents} {noun}, "
+                         f"{len(held.batches)} of the {asked} batches asked for; each was "
+                         "scored once")
     return EvalReport(described, models, notes)
 
 
@@ -132,7 +143,8 @@ def _device(name: str):
 def _open(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions, device):
     """(model, tokenizer, weights description) for one target."""
     if target.backend == "llama.cpp":
-        from wftool.eval.llamacpp import LlamaCppModel, LlamaCppTokenizer, gguf_context_length
+        from wftool.eval.llamacpp import LlamaCppModel, LlamaCppTokenizer
+        from wftool.runtime.llamacpp import gguf_context_length
 
         # Room for the longest row; lm-eval gets the trained context, up to its maximum.
         harness = min(LM_EVAL_MAX_LENGTH, gguf_context_length(target.location)
@@ -140,17 +152,15 @@ def _open(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions, devi
         n_ctx = max([64, harness] + [s.seq_len for s in sets])
         model = LlamaCppModel(target.location, n_ctx, options.threads)
         return model, LlamaCppTokenizer(model), model.file_type
-    from wftool.model.checkpoint import load_model_dir
-
-    path = Path(target.location)
-    if (path / "config.json").exists():
-        model, tokenizer, meta = load_model_dir(path, device=device)
-    else:  # a hub id named by the recipe
+    if target.spec is not None:  # a model the recipe names, loaded as training loads it
         from wftool.model.loading import load_source_model
-        from wftool.recipe.schema import ModelSpec
 
-        model, tokenizer, _ = load_source_model(ModelSpec(name_or_path=target.location))
+        model, tokenizer, _ = load_source_model(target.spec)
         model, meta = model.to(device), None
+    else:
+        from wftool.model.checkpoint import load_model_dir
+
+        model, tokenizer, meta = load_model_dir(Path(target.location), device=device)
     if tokenizer is None:
         raise WftError(f"{target.location} has no tokenizer files",
                        "copy the tokenizer of the model it came from into the directory")
@@ -163,17 +173,31 @@ def _open(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions, devi
 
 def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions,
                      reference: dict, progress: Progress) -> dict:
-    from wftool.train.evaluation import evaluate_model
+    """One target's row; running out of (GPU) memory is the user's to fix, not a traceback."""
+    import torch
 
     device = _device(options.device) if target.backend == "torch" else None
+    try:
+        return _evaluate_opened(target, sets, options, reference, progress, device)
+    except torch.OutOfMemoryError:
+        raise WftError(
+            f"{target.label}: out of memory on {device} (batch size {options.batch_size})",
+            "lower --batch-size or --seq-len, or pass --device cpu") from None
+
+
+def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions,
+                     reference: dict, progress: Progress, device) -> dict:
+    from wftool.train.evaluation import evaluate_model
+
     model, tokenizer, weights = _open(target, sets, options, device)
     row = {"model": target.label, "path": target.location, "backend": target.backend,
            "weights": weights}
     try:
         for s in sets:
-            batches = s.batches(tokenizer, options.batch_size, options.batches)
-            first_label, first = reference.setdefault(s.kind, (target.label, batches))
-            if first is not batches and not same_tokens(first, batches):
+            held = s.batches(tokenizer, options.batch_size, options.batches)
+            batches = held.batches
+            first_label, first = reference.setdefault(s.kind, (target.label, held))
+            if first is not held and not same_tokens(first.batches, batches):
                 raise _tokenizer_mismatch(target, first_label, s)
             bar = progress.add_task(f"{target.label}: {s.kind}", total=len(batches))
             numbers = evaluate_model(model, _Tracked(batches, progress, bar), task=s.task,
@@ -201,7 +225,9 @@ def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], options: EvalOp
 
 def _lm_eval_max_length(model) -> int:
     """The model's context (training context, or llama.cpp's), at most LM_EVAL_MAX_LENGTH."""
-    if hasattr(model, "llm"):
+    from wftool.eval.llamacpp import LlamaCppModel
+
+    if isinstance(model, LlamaCppModel):
         limit = min(model.context_length, model.n_ctx)
     else:
         limit = getattr(model.config, "max_position_embeddings", None) or LM_EVAL_MAX_LENGTH
@@ -245,8 +271,9 @@ def print_eval_table(report: EvalReport, console: Console) -> None:
         table = _models_table("wft eval (held-out data)", report.models, shown)
         console.print(table)
         for s in report.sets:
-            count = f"{s['examples']:,} examples, " if s["kind"] == "task" else ""
-            console.print(f"{s['kind']}: {s['origin']}, {count}{s['tokens']:,} scored tokens "
+            count = ("all " if s["complete"] else "") + f"{s['documents']:,} " + (
+                f"examples ({s['examples']:,} judged)" if s["kind"] == "task" else "documents")
+            console.print(f"{s['kind']}: {s['origin']}, {count}, {s['tokens']:,} scored tokens "
                           f"in {s['batches']} batches (seq_len {s['seq_len']})", highlight=False)
     metrics = list(dict.fromkeys(k for row in report.models for k in row.get("lm_eval", {})
                                  if not k.endswith(":n")))

@@ -108,7 +108,8 @@ class WftLM(TemplateLM):
                 tokenizer=self.tokenizer if stops else None)
             text = self.tok_decode(out[0, len(ids):].tolist(), skip_special_tokens=False)
             for stop in [*stops, eos_text]:
-                text = text.split(stop)[0]
+                if stop:  # an EOS may decode to "" (a control token), and "".split fails
+                    text = text.split(stop)[0]
             outputs.append(text)
         return outputs
 

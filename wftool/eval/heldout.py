@@ -6,6 +6,12 @@ model is scored by `evaluate_model` on the batches training evaluates on:
   every document (documents do not attend to each other); every token after a row's first
   is predicted.
 - task: prompt + answer (+ EOS) per row, right-padded; only the answer tokens are scored.
+
+Each document is scored at most once. A recipe's eval split is drawn by the mixer training
+evaluates with (same order, so the first `data.eval_batches` batches are training's), but
+read once: the training readers repeat a finite source forever, and a second epoch would
+bring rows that are not even held out (each epoch reshuffles which rows the held-out
+indices land on).
 """
 
 from __future__ import annotations
@@ -14,12 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wftool.data.packing import IGNORE_INDEX, TaskStream, collate_examples
-from wftool.data.sources import open_reader
+from wftool.data.sources import DocumentMixer, Reader, StreamReader, TableReader, open_reader
 from wftool.errors import WftError
 from wftool.recipe.schema import DataSource, DataSpec, Recipe
-from wftool.train.evaluation import eval_batches
 
 DEFAULT_SEQ_LEN = 512
+
+
+@dataclass
+class SetBatches:
+    """A held-out set's batches for one tokenizer. `documents`: the documents (text) or
+    examples (task) with tokens in them; `complete`: whether that is all of the set (a whole
+    file, or one whole pass over a recipe's finite eval split; never an endless synthetic
+    one)."""
+
+    batches: list[dict]
+    documents: int
+    complete: bool
 
 
 @dataclass
@@ -37,21 +54,75 @@ class HeldOutSet:
     def task(self) -> bool:
         return self.kind == "task"
 
-    def batches(self, tokenizer, batch_size: int, limit: int | None = None) -> list[dict]:
-        """The set's batches for `tokenizer`; at most `limit` of them when given."""
+    def batches(self, tokenizer, batch_size: int, limit: int | None = None) -> SetBatches:
+        """The set's batches for `tokenizer`: at most `limit` of them (a recipe's split:
+        `data.eval_batches` by default), and never a document twice."""
+        if tokenizer.eos_token_id is None:
+            raise WftError(f"the tokenizer has no EOS token, which the {self.kind} set needs "
+                           "(it closes every document and answer)")
+        task_stream = TaskStream(None, tokenizer, self.seq_len) if self.task else None
         if self.data is not None:
             count = limit or self.data.eval_batches
-            data = self.data.model_copy(update={"eval_batches": count})
-            return eval_batches(data, tokenizer, batch_size)
-        documents = file_documents(self.file, self.kind)
-        if self.task:
-            stream = TaskStream(None, tokenizer, self.seq_len)  # only its encoding is used
-            examples = [stream.encode(prompt, answer) for prompt, answer in documents]
-            batches = [collate_examples(examples[i : i + batch_size], stream.pad)
-                       for i in range(0, len(examples), batch_size)]
+            documents, complete = _eval_split(self.data, tokenizer, batch_size * count,
+                                              None if self.task else self.seq_len)
         else:
-            batches = _packed_batches(documents, tokenizer, self.seq_len, batch_size)
-        return batches[:limit] if limit else batches
+            documents, complete, count = file_documents(self.file, self.kind), True, limit
+        if self.task:
+            examples = [task_stream.encode(prompt, answer) for prompt, answer in documents]
+            batches = [collate_examples(examples[i : i + batch_size], task_stream.pad)
+                       for i in range(0, len(examples), batch_size)]
+            kept = batches[:count] if count else batches
+            held = sum(b["input_ids"].shape[0] for b in kept)
+        else:
+            encoded = _encode_documents(documents, tokenizer)
+            batches = _packed_batches(encoded, tokenizer.eos_token_id, self.seq_len, batch_size)
+            kept = batches[:count] if count else batches
+            held = _documents_in(encoded, sum(b["input_ids"].numel() for b in kept))
+        return SetBatches(kept, held, complete and len(kept) == len(batches))
+
+
+class _PassEnded(Exception):
+    """A source of the eval split came to its end: what follows would repeat it."""
+
+
+class _OnePass(Reader):
+    """A training reader read once: `_PassEnded` where it would start over. Synthetic
+    documents never repeat, so that reader passes through unchanged."""
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+
+    def iter_from(self, start):
+        if isinstance(self.reader, TableReader):
+            end = len(self.reader.table)
+            for index, document in self.reader.iter_from(start):
+                if index >= end:
+                    raise _PassEnded
+                yield index, document
+        elif isinstance(self.reader, StreamReader):
+            for index, row in enumerate(self.reader.stream):
+                if index >= start:
+                    yield index, self.reader.row_to_document(row)
+            raise _PassEnded
+        else:
+            yield from self.reader.iter_from(start)
+
+
+def _eval_split(data: DataSpec, tokenizer, rows: int, seq_len: int | None) -> tuple[list, bool]:
+    """(documents, whether the split ended): the eval split's documents in the order training
+    evaluates on them, until they fill `rows` packed rows of `seq_len` tokens (text) or make
+    `rows` examples (task: `seq_len` None), or every held-out document was drawn once."""
+    readers = [_OnePass(open_reader(source, data.format, data.seed)) for source in data.sources]
+    mixer = DocumentMixer(data, "eval", readers=readers)
+    documents, tokens = [], 0
+    try:
+        while (tokens < rows * seq_len) if seq_len else (len(documents) < rows):
+            documents.append(mixer.next_document())
+            if seq_len:  # the document's tokens and the EOS packing puts after it
+                tokens += len(tokenizer(documents[-1], add_special_tokens=False)["input_ids"]) + 1
+    except _PassEnded:
+        return documents, True
+    return documents, False
 
 
 def heldout_sets(recipe: Recipe | None, text: Path | None = None, task: Path | None = None,
@@ -89,18 +160,23 @@ def file_documents(path: Path, kind: str) -> list:
     return documents
 
 
-def _packed_batches(documents: list[str], tokenizer, seq_len: int, batch_size: int) -> list:
-    """Documents packed once into rows, as PackedTextStream packs them; the last, shorter row
-    is a batch of its own."""
+def _encode_documents(documents: list[str], tokenizer) -> list[list[int]]:
+    if not documents:
+        return []
+    return [list(ids) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]]
+
+
+def _packed_batches(encoded: list[list[int]], eos: int, seq_len: int,
+                    batch_size: int) -> list[dict]:
+    """Documents (token ids) packed once into rows, as PackedTextStream packs them; the
+    last, shorter row is a batch of its own."""
     import torch
 
-    if tokenizer.eos_token_id is None:
-        raise WftError("the tokenizer has no EOS token, which packing needs between documents")
     tokens: list[int] = []
     starts: set[int] = set()
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+    for ids in encoded:
         starts.add(len(tokens))
-        tokens.extend(list(ids) + [tokenizer.eos_token_id])
+        tokens.extend(ids + [eos])
     rows = []
     for begin in range(0, len(tokens), seq_len):
         ids = tokens[begin : begin + seq_len]
@@ -110,6 +186,8 @@ def _packed_batches(documents: list[str], tokenizer, seq_len: int, batch_size: i
             positions.append(position)
             position += 1
         rows.append((ids, positions))
+    if not rows:
+        return []
     groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     if len(groups[-1][-1][0]) < seq_len:  # the short last row cannot share a batch
         short = groups[-1].pop()
@@ -120,6 +198,16 @@ def _packed_batches(documents: list[str], tokenizer, seq_len: int, batch_size: i
         batches.append({"input_ids": input_ids, "labels": input_ids.clone(),
                         "position_ids": torch.tensor([p for _, p in group], dtype=torch.long)})
     return batches
+
+
+def _documents_in(encoded: list[list[int]], tokens: int) -> int:
+    """How many of the packed documents start within the first `tokens` packed tokens."""
+    count, start = 0, 0
+    for ids in encoded:
+        if start >= tokens:
+            break
+        count, start = count + 1, start + len(ids) + 1
+    return count
 
 
 def scored_tokens(batches: list[dict]) -> int:

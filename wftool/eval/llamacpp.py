@@ -16,23 +16,7 @@ import torch
 from torch import nn
 
 from wftool.errors import WftError
-
-
-def llamacpp_missing_error(path) -> WftError:
-    return WftError(f"{path} is a GGUF file, and evaluating one needs llama-cpp-python",
-                    "pip install 'wftool[llamacpp]' (builds llama.cpp, a few minutes)")
-
-
-def gguf_context_length(path: str | Path) -> int | None:
-    """The context a GGUF's model was trained with (its metadata), or None if unreadable."""
-    from gguf import GGUFReader
-
-    try:
-        fields = GGUFReader(str(path)).fields
-        arch = bytes(fields["general.architecture"].parts[-1]).decode()
-        return int(fields[f"{arch}.context_length"].parts[-1][0])
-    except (KeyError, ValueError, IndexError, OSError):
-        return None
+from wftool.runtime.llamacpp import open_llama
 
 
 class LlamaCppModel(nn.Module):
@@ -41,15 +25,7 @@ class LlamaCppModel(nn.Module):
 
     def __init__(self, path: str | Path, n_ctx: int, threads: int = 1):
         super().__init__()
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise llamacpp_missing_error(path) from None
-        try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads,
-                             logits_all=True, verbose=False)
-        except (ValueError, RuntimeError) as err:
-            raise WftError(f"llama.cpp cannot load {path}: {err}") from None
+        self.llm = open_llama(path, n_ctx, threads, logits_all=True)
         self.path, self.n_ctx, self.n_vocab = Path(path), n_ctx, self.llm.n_vocab()
         self.metadata = dict(self.llm.metadata)
 
@@ -75,8 +51,19 @@ class LlamaCppModel(nn.Module):
             raise WftError(f"a sequence of {len(ids)} tokens does not fit llama.cpp's context "
                            f"of {self.n_ctx}", "lower --seq-len")
         self.llm.reset()
-        self.llm.eval(ids)
+        self._eval(ids)
         return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+
+    def _eval(self, ids: list[int]) -> None:
+        """llm.eval, whose decode failures (llama_decode's status: no room in the KV cache,
+        out of memory) are the user's to fix, not a traceback."""
+        try:
+            self.llm.eval(ids)
+        except RuntimeError as err:
+            raise WftError(f"llama.cpp failed on a sequence of {len(ids)} tokens of "
+                           f"{self.path.name} (context {self.n_ctx}): {err}",
+                           "lower --seq-len (llama.cpp runs one sequence at a time, so "
+                           "--batch-size does not matter here), or free memory") from None
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
@@ -100,7 +87,7 @@ class LlamaCppModel(nn.Module):
         accuracy judges. Returns prompt + new tokens, as Hugging Face's generate does."""
         ids = input_ids[0].tolist()
         self.llm.reset()
-        self.llm.eval(ids)
+        self._eval(ids)
         new: list[int] = []
         for _ in range(max_new_tokens):
             token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
@@ -111,7 +98,7 @@ class LlamaCppModel(nn.Module):
                 text = tokenizer.decode(new)
                 if any(stop in text for stop in stop_strings):
                     break
-            self.llm.eval([token])
+            self._eval([token])
         return torch.tensor([ids + new])
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wftool.errors import WftError
-from wftool.recipe.schema import Recipe
+from wftool.recipe.schema import ModelSpec, Recipe
 
 # What a recipe run leaves, in table order (the labels `wft pipeline` uses).
 TEACHER_DIRS = (("teacher-base", "teacher (FP, pre-trained)"),
@@ -22,12 +22,14 @@ STUDENT_STAGES = (("convert", "student after convert"), ("layerwise", "student a
 
 @dataclass
 class EvalTarget:
-    """One model to evaluate: a model directory, a hub id or a .gguf file."""
+    """One model to evaluate: a model directory, a .gguf file, or a model a recipe names
+    (then `spec`, loaded as training loads it: revision, tokenizer and dtype included)."""
 
     label: str
     location: str
     backend: str  # "torch" or "llama.cpp"
     found: bool = False  # found by a recipe scan: skipped with a note if it cannot run
+    spec: ModelSpec | None = None
 
 
 def resolve_sources(items: list[str]) -> tuple[list[EvalTarget], Recipe | None]:
@@ -90,6 +92,20 @@ def _source_kind(item: str) -> tuple[str, Path]:
                        "`wft recipe list` shows the bundled recipes") from None
 
 
+def _named_teacher(recipe: Recipe) -> list[EvalTarget]:
+    """The teacher the recipe names, else its original model (unless built from a config)."""
+    named = recipe.teacher.name_or_path
+    if named:
+        if (Path(named).expanduser() / "config.json").exists():  # loaded as training does
+            return [EvalTarget("teacher", named, "torch", True)]
+        spec = ModelSpec(name_or_path=named, dtype=recipe.teacher.dtype)
+        return [EvalTarget("teacher", named, "torch", True, spec)]
+    if recipe.model.name_or_path:
+        return [EvalTarget("original model (FP)", recipe.model.name_or_path, "torch", True,
+                           recipe.model)]
+    return []
+
+
 def recipe_targets(recipe: Recipe) -> list[EvalTarget]:
     """Everything a recipe's runs left: teacher, each stage's final/, the BitNet-SFT
     baseline, and GGUF exports under runs/<name>/."""
@@ -98,12 +114,7 @@ def recipe_targets(recipe: Recipe) -> list[EvalTarget]:
     root = Path(recipe.output_dir) / recipe.name
     made = [EvalTarget(label, str(root / name / "final"), "torch", True)
             for name, label in TEACHER_DIRS if (root / name / "final" / "config.json").exists()]
-    named = recipe.teacher.name_or_path or recipe.model.name_or_path
-    if not made and named:  # no teacher trained by `wft pipeline`: the one the recipe names
-        label = "teacher" if recipe.teacher.name_or_path else "original model (FP)"
-        teacher = [EvalTarget(label, named, "torch", True)]
-    else:
-        teacher = []
+    teacher = [] if made else _named_teacher(recipe)  # none trained by `wft pipeline`
     for stage, label in STUDENT_STAGES:
         path = final_dir(recipe, stage)
         if (path / "config.json").exists():

@@ -154,12 +154,11 @@ def compare_with_llamacpp(path: Path, model, tokenizer, export_type: str, thread
     import time
 
     import torch
-    from llama_cpp import Llama
 
     from wftool.model.surgery import float_activations
+    from wftool.runtime.llamacpp import open_llama
 
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=threads, logits_all=True,
-                verbose=False)
+    llm = open_llama(path, 256, threads, logits_all=True)
     try:
         problems, squared_error, squared_ref, agree, positions = [], 0.0, 0.0, 0, 0
         for prompt in prompts:

@@ -11,43 +11,18 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from wftool.errors import WftError
+from wftool.runtime.llamacpp import gguf_context_length, import_llama, open_llama
 from wftool.serve.generation import END_OF_TURN_TOKENS, Sampling
-
-
-def trained_context_length(path: Path) -> int | None:
-    """`<arch>.context_length` from the GGUF header (None if the file does not say)."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-        arch = reader.get_field("general.architecture").contents()
-        field = reader.get_field(f"{arch}.context_length")
-        return int(field.contents()) if field is not None else None
-    except Exception:  # not readable by gguf-py (e.g. a newer type id): llama.cpp decides
-        return None
 
 
 class LlamaCppEngine:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None):
-        try:
-            import llama_cpp
-            from llama_cpp import Llama
-        except ImportError:
-            raise WftError("the llamacpp backend needs llama-cpp-python",
-                           "pip install 'wftool[llamacpp]' (builds llama.cpp, ~6-13 min on 2 "
-                           "cores), or serve a model directory with --backend torch") from None
-        self._llama_cpp = llama_cpp
+        import_llama("the llamacpp backend", "serve a model directory with --backend torch")
         threads = threads or os.cpu_count() or 1
-        trained = trained_context_length(path)
+        trained = gguf_context_length(path)
         if context_length is None or (trained and trained < context_length):
             context_length = trained  # never allocate a KV cache past what the model knows
-        try:
-            self.llm = Llama(model_path=str(path), n_ctx=context_length or 0, n_threads=threads,
-                             n_threads_batch=threads, verbose=False)
-        except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
-            raise WftError(f"llama.cpp cannot load {path}: {err}",
-                           "wft's I2_S files load only in BitNet.cpp (extern/BitNet)") from None
+        self.llm = open_llama(path, context_length or 0, threads)
         self.context_length = self.llm.n_ctx()
         metadata = self.llm.metadata
         self.chat_template = metadata.get("tokenizer.chat_template")
@@ -86,7 +61,9 @@ class LlamaCppEngine:
     def sample(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
         # set_seed persists in the Llama object: reset it, or one request's seed would make
         # every later unseeded request repeat the same "random" text.
-        seed = self._llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
+        from llama_cpp import LLAMA_DEFAULT_SEED
+
+        seed = LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
         self.llm.set_seed(seed % 2**32)
         # top_k 0 and min_p 0 switch those filters off: only temperature and top_p apply,
         # as in the torch backend and the OpenAI API.
