@@ -10,7 +10,7 @@ class FunctionReader(Reader):
     def iter_from(self, start):
         index = start
         while True:
-            yield index, self.make(index)
+            yield index, index, self.make(index)
             index += 1
 
 

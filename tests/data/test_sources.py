@@ -35,6 +35,18 @@ def test_held_out_documents_never_reach_training_and_ranks_are_disjoint():
     assert all(int(d) % 10 == 0 for d in held_out)
 
 
+def test_reshuffled_epochs_never_train_on_held_out_rows(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+    spec = DataSpec(sources=[DataSource(files=[str(path)])], eval_fraction=0.2)
+    train = DocumentMixer(spec, "train")
+    trained = {train.next_document() for _ in range(8 * 5)}  # five epochs, reshuffled
+    held = DocumentMixer(spec, "eval")
+    held_out = {held.next_document() for _ in range(2 * 5)}
+    assert len(held_out) == 2 and len(trained) == 8
+    assert not trained & held_out
+
+
 def test_mixer_state_round_trips_through_json():
     spec = _spec(2, [1.0, 1.0])
     mixer = DocumentMixer(spec, readers=[counting_reader("a"), counting_reader("b")])
@@ -51,11 +63,11 @@ def test_local_jsonl_and_text_files(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": f"doc {i}"}) for i in range(5)))
     source = DataSource(files=[str(tmp_path / "*.jsonl")], text_field="body")
     reader = open_reader(source, "text", seed=0)
-    docs = {doc for _, doc in zip(range(5), (d for _, d in reader.iter_from(0)))}
+    docs = {doc for _, doc in zip(range(5), (d for _, _, d in reader.iter_from(0)))}
     assert docs == {f"doc {i}" for i in range(5)}  # one epoch: every row once, shuffled
     (tmp_path / "b.txt").write_text("first para\nline two\n\nsecond para\n")
     reader = open_reader(DataSource(files=[str(tmp_path / "b.txt")]), "text", seed=0)
-    assert {d for _, d in zip(range(2), (d for _, d in reader.iter_from(0)))} == {
+    assert {d for _, d in zip(range(2), (d for _, _, d in reader.iter_from(0)))} == {
         "first para\nline two", "second para"}
 
 
@@ -66,7 +78,7 @@ def test_parquet_task_file(tmp_path):
         str(tmp_path / "t.parquet"))
     source = DataSource(files=[str(tmp_path / "t.parquet")], prompt_field="q", answer_field="a")
     reader = open_reader(source, "task", seed=0)
-    got = {d for _, d in zip(range(2), (d for _, d in reader.iter_from(0)))}
+    got = {d for _, d in zip(range(2), (d for _, _, d in reader.iter_from(0)))}
     assert got == {("a?", "x"), ("b?", "y")}
 
 
@@ -113,7 +125,7 @@ def test_classification_rows_become_prompt_and_label_text(tmp_path):
         prompt_template="Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:",
         label_names=["entailment", "neutral", "contradiction"],
     )
-    _, document = next(open_reader(source, "task", 0).iter_from(0))
+    _, _, document = next(open_reader(source, "task", 0).iter_from(0))
     assert document == ("Premise: p1\nHypothesis: h1\nAnswer:", " contradiction")
     bad = source.model_copy(update={"label_names": ["yes"]})
     with pytest.raises(WftError, match="no entry in label_names"):

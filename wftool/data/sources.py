@@ -2,7 +2,8 @@
 
 Each source is read by index (`Reader.iter_from(start)`), so a run's data position is just a
 number per source and resuming replays exactly the documents an uninterrupted run would see.
-Documents are held out for evaluation by index, and split between ranks by index.
+Documents are held out for evaluation by the row they come from (so a reshuffled second
+epoch never trains on a held-out row), and split between ranks by index.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
 
 
 class Reader:
-    """Documents of one source by raw index; `iter_from` yields (index, document)."""
+    """Documents of one source by raw index; `iter_from` yields (index, row, document), where
+    `row` names the underlying record: equal rows are the same document in every epoch."""
 
-    def iter_from(self, start: int) -> Iterator[tuple[int, Document]]:
+    def iter_from(self, start: int) -> Iterator[tuple[int, int, Document]]:
         raise NotImplementedError
 
 
@@ -38,9 +40,9 @@ class SyntheticReader(Reader):
         index = start
         while True:
             if self.fmt == "task":
-                yield index, self.task.example(self.seed, index)
+                yield index, index, self.task.example(self.seed, index)
             else:
-                yield index, mixed_dialect_document(self.seed, index)
+                yield index, index, mixed_dialect_document(self.seed, index)
             index += 1
 
 
@@ -54,18 +56,19 @@ class TableReader(Reader):
         self.row_to_document = _row_converter(table.column_names, fmt, source)
         self._epoch, self._order = -1, None
 
-    def _row(self, index: int):
+    def _row(self, index: int) -> int:
         n = len(self.table)
         epoch, offset = divmod(index, n)
         if epoch != self._epoch:
             self._epoch = epoch
             self._order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        return self.table[int(self._order[offset])]
+        return int(self._order[offset])
 
     def iter_from(self, start):
         index = start
         while True:
-            yield index, self.row_to_document(self._row(index))
+            row = self._row(index)
+            yield index, row, self.row_to_document(self.table[row])
             index += 1
 
 
@@ -81,10 +84,11 @@ class StreamReader(Reader):
         index = 0
         while True:
             produced = False
-            for row in self.stream:
+            # Every pass reads the stream in the same order: a record's row is its position.
+            for row, record in enumerate(self.stream):
                 produced = True
                 if index >= start:
-                    yield index, self.row_to_document(row)
+                    yield index, row, self.row_to_document(record)
                 index += 1
             if not produced:
                 raise WftError(f"data source {_describe(self.source)} is empty")
@@ -203,8 +207,8 @@ class DocumentMixer:
         self.positions = [0] * len(self.readers)
         self._iterators: list[Iterator | None] = [None] * len(self.readers)
 
-    def _wanted(self, index: int) -> bool:
-        held_out = self.holdout_every > 0 and index % self.holdout_every == 0
+    def _wanted(self, index: int, row: int) -> bool:
+        held_out = self.holdout_every > 0 and row % self.holdout_every == 0
         if self.split == "eval":
             return held_out
         return not held_out and index % self.world_size == self.rank
@@ -213,8 +217,8 @@ class DocumentMixer:
         choice = int(self.rng.choice(len(self.readers), p=self.weights))
         if self._iterators[choice] is None:
             self._iterators[choice] = self.readers[choice].iter_from(self.positions[choice])
-        for index, document in self._iterators[choice]:
-            if self._wanted(index):
+        for index, row, document in self._iterators[choice]:
+            if self._wanted(index, row):
                 self.positions[choice] = index + 1
                 return document
         raise WftError("data source ended unexpectedly")

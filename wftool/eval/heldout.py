@@ -95,14 +95,14 @@ class _OnePass(Reader):
     def iter_from(self, start):
         if isinstance(self.reader, TableReader):
             end = len(self.reader.table)
-            for index, document in self.reader.iter_from(start):
+            for index, row, document in self.reader.iter_from(start):
                 if index >= end:
                     raise _PassEnded
-                yield index, document
+                yield index, row, document
         elif isinstance(self.reader, StreamReader):
-            for index, row in enumerate(self.reader.stream):
+            for index, record in enumerate(self.reader.stream):
                 if index >= start:
-                    yield index, self.reader.row_to_document(row)
+                    yield index, index, self.reader.row_to_document(record)
             raise _PassEnded
         else:
             yield from self.reader.iter_from(start)
