@@ -205,3 +205,17 @@ def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").rglob("offline-run-*"))
     assert runs, "no offline W&B run was written"
     assert runs[0].name.startswith("offline-run-")
+
+
+def test_teacher_directory_loads_in_the_recipe_teacher_dtype(tmp_path):
+    from tests.conftest import tiny_llama
+    from wftool.model.tokenizer import train_synthetic_tokenizer
+    from wftool.train.stages import load_teacher
+
+    tiny_llama(vocab_size=512).save_pretrained(tmp_path / "teacher")
+    train_synthetic_tokenizer(512).save_pretrained(tmp_path / "teacher")
+    as_saved, family = load_teacher(str(tmp_path / "teacher"))
+    halved, _ = load_teacher(str(tmp_path / "teacher"), "bfloat16")
+    assert family.name == "llama" and as_saved.dtype == torch.float32
+    assert {p.dtype for p in halved.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in halved.parameters())

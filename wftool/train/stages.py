@@ -11,7 +11,7 @@ from pathlib import Path
 from wftool.errors import WftError
 from wftool.model.checkpoint import load_model_dir
 from wftool.model.families import family_for_model_type
-from wftool.model.loading import load_source_model
+from wftool.model.loading import load_source_model, torch_dtype
 from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, TrainingSpec
 from wftool.train.remote import fetch_dir, is_remote, stage_url
 from wftool.train.stage_objectives import Distillation, LanguageModeling, LayerwiseDistillation
@@ -61,8 +61,9 @@ def find_init(recipe: Recipe, stage: str) -> Path:
     )
 
 
-def load_teacher(spec: ModelSpec | str):
-    """A frozen full-precision model and its family, from a model spec or a directory."""
+def load_teacher(spec: ModelSpec | str, dtype: str = "auto"):
+    """A frozen full-precision model and its family, from a model spec or a hub id or
+    directory (loaded in `dtype`, the recipe's `teacher.dtype`)."""
     if isinstance(spec, str):
         path = Path(spec).expanduser()
         if (path / "config.json").exists():
@@ -70,8 +71,10 @@ def load_teacher(spec: ModelSpec | str):
             if meta is not None:
                 raise WftError(f"teacher {spec} is a ternary student; a teacher must be full "
                                "precision")
+            if dtype != "auto":
+                model.to(torch_dtype(dtype))
         else:
-            model, _, _ = load_source_model(ModelSpec(name_or_path=spec))
+            model, _, _ = load_source_model(ModelSpec(name_or_path=spec, dtype=dtype))
     else:
         model, _, _ = load_source_model(spec)
     model.requires_grad_(False).eval()
@@ -148,7 +151,8 @@ def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = No
     stage = recipe.distill
     model, tokenizer, meta = _load_student(find_init(recipe, "distill"))
     source = teacher_source or recipe.teacher.name_or_path
-    teacher, teacher_family = load_teacher(source if source else recipe.model)
+    teacher, teacher_family = load_teacher(source if source else recipe.model,
+                                           recipe.teacher.dtype)
     _check_vocab(model, teacher)
     student_family = family_for_model_type(model.config.model_type)
     try:
