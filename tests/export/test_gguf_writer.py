@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import require_llamacpp, tiny_llama
+from tests.export.cli import convert_tiny, export
 from wftool.export.gguf_target import GgufTarget, plan_gguf_export
 from wftool.export.gguf_writer import write_gguf
 from wftool.export.validate import check_gguf_tensors
@@ -142,56 +143,26 @@ def test_corrupted_file_is_caught_by_the_read_back(tmp_path, student, tokenizer)
 
 
 def test_export_command_writes_and_validates_the_tiny_student(tmp_path):
-    from typer.testing import CliRunner
-
-    from wftool.cli import app
-
-    runner = CliRunner()
-    student = tmp_path / "student"
-    assert runner.invoke(app, ["convert", "tiny", "--output", str(student)]).exit_code == 0
+    student = convert_tiny(tmp_path)
     out = tmp_path / "tiny.gguf"
-    result = runner.invoke(app, ["export-gguf", str(student), "--type", "tq1_0",
-                                 "--output", str(out)])
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
+    code, text = export(student, out, "--type", "tq1_0")
+    assert code == 0, text
     assert out.exists() and "every ternary value exact" in text and "bitnet, TQ1_0" in text
-    unknown = runner.invoke(app, ["export-gguf", str(student), "--type", "q4_0",
-                                  "--output", str(tmp_path / "x.gguf")])
-    assert unknown.exit_code == 2 and "not available" in unknown.output
+    code, text = export(student, tmp_path / "x.gguf", "--type", "q4_0")
+    assert code == 2 and "not available" in text
 
 
 def test_export_command_sends_a_student_without_sub_norms_to_llama(tmp_path):
-    from typer.testing import CliRunner
-
-    from wftool.cli import app
-
-    runner = CliRunner()
-    student = tmp_path / "student"
-    result = runner.invoke(app, ["convert", "tiny", "--output", str(student),
-                                 "convert.sub_norm=none"])
-    assert result.exit_code == 0, result.output
-    out = tmp_path / "plain.gguf"
-    result = runner.invoke(app, ["export-gguf", str(student), "--type", "tq2_0",
-                                 "--output", str(out), "--no-validate"])
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
+    student = convert_tiny(tmp_path, "convert.sub_norm=none")
+    code, text = export(student, tmp_path / "plain.gguf", "--type", "tq2_0", "--no-validate")
+    assert code == 0, text
     assert "llama, TQ2_0" in text and "fp16, as the block scale d" in text
 
 
 def test_export_command_explains_why_a_model_cannot_go_to_gguf(tmp_path):
-    from typer.testing import CliRunner
-
-    from wftool.cli import app
-
-    runner = CliRunner()
-    student = tmp_path / "student"
-    result = runner.invoke(app, ["convert", "tiny", "--output", str(student),
-                                 "convert.sub_norm=all"])
-    assert result.exit_code == 0, result.output
-    refused = runner.invoke(app, ["export-gguf", str(student), "--output",
-                                  str(tmp_path / "x.gguf")])
-    assert refused.exit_code == 2
-    text = " ".join(refused.output.split())  # rich wraps long lines
+    student = convert_tiny(tmp_path, "convert.sub_norm=all")
+    code, text = export(student, tmp_path / "x.gguf")
+    assert code == 2
     assert "placement 'all'" in text and "wft serve --backend torch" in text
     assert not (tmp_path / "x.gguf").exists()
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_llama
+from tests.export.cli import convert_tiny, export
 from wftool.export.gguf_layout import read_gguf_layout
 from wftool.export.gguf_target import plan_gguf_export
 from wftool.export.gguf_writer import write_gguf
@@ -123,18 +124,9 @@ def test_a_llama_i2_s_export_has_permuted_q_and_k_and_no_sub_norms(tmp_path):
 
 
 def test_export_command_writes_i2_s_and_says_only_bitnet_cpp_loads_it(tmp_path):
-    from typer.testing import CliRunner
-
-    from wftool.cli import app
-
-    runner = CliRunner()
-    student = tmp_path / "student"
-    assert runner.invoke(app, ["convert", "tiny", "--output", str(student)]).exit_code == 0
     out = tmp_path / "tiny-i2_s.gguf"
-    result = runner.invoke(app, ["export-gguf", str(student), "--type", "i2_s",
-                                 "--output", str(out)])
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
+    code, text = export(convert_tiny(tmp_path), out, "--type", "i2_s")
+    assert code == 0, text
     assert "bitnet, I2_S" in text and "BitNet.cpp only" in text
     assert "every ternary value exact" in text
     assert "skipped: I2_S loads only in BitNet.cpp" in text

@@ -25,16 +25,22 @@ I2_S_FILE_TYPE = 40  # LLAMA_FTYPE_MOSTLY_I2_S (general.file_type) in the same f
 _BASE3_TO_BYTE = ((np.arange(243, dtype=np.uint32) * 256 + 242) // 243).astype(np.uint8)
 
 
-def _blocks(codes: np.ndarray) -> tuple[np.ndarray, int]:
+def _checked_codes(codes: np.ndarray, row_multiple: int, kind: str) -> np.ndarray:
+    """int8 codes in {-1, 0, 1} of a 2-D tensor whose rows are whole `row_multiple`s."""
     codes = np.asarray(codes)
     if codes.dtype != np.int8:
         raise TypeError(f"ternary codes must be int8, got {codes.dtype}")
-    if codes.ndim != 2 or codes.shape[1] % QK_K:
+    if codes.ndim != 2 or codes.shape[1] % row_multiple:
         raise ValueError(
-            f"TQ types need rows of a multiple of {QK_K} values; got shape {codes.shape}"
+            f"{kind} need rows of a multiple of {row_multiple} values; got shape {codes.shape}"
         )
     if codes.size and (codes.min() < -1 or codes.max() > 1):
         raise ValueError("codes must be in {-1, 0, 1}")
+    return codes
+
+
+def _blocks(codes: np.ndarray) -> tuple[np.ndarray, int]:
+    codes = _checked_codes(codes, QK_K, "TQ types")
     blocks = codes.reshape(-1, QK_K)
     return blocks, codes.shape[0]
 
@@ -88,15 +94,7 @@ def pack_i2_s(codes: np.ndarray, delta: float) -> np.ndarray:
     zeros. This is `quantize_i2_s` of src/ggml-bitnet-mad.cpp on x86 builds with
     ACT_PARALLEL (the default in include/gemm-config.h) and on the 2024 releases; rows must
     be whole groups, since its kernels step through a row 128 values at a time."""
-    codes = np.asarray(codes)
-    if codes.dtype != np.int8:
-        raise TypeError(f"ternary codes must be int8, got {codes.dtype}")
-    if codes.ndim != 2 or codes.shape[1] % I2_S_GROUP:
-        raise ValueError(
-            f"I2_S needs rows of a multiple of {I2_S_GROUP} values; got shape {codes.shape}"
-        )
-    if codes.size and (codes.min() < -1 or codes.max() > 1):
-        raise ValueError("codes must be in {-1, 0, 1}")
+    codes = _checked_codes(codes, I2_S_GROUP, "I2_S tensors")
     flat = codes.reshape(-1)
     q = (flat + 1).astype(np.uint8).reshape(-1, 4, 32)
     packed = (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3]
