@@ -228,6 +228,8 @@ def serve(
     backend: Annotated[Optional[str], typer.Option(
         help="llamacpp (GGUF files) or torch (model directories); default: from the source.")
     ] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="torch backend: auto (a GPU if there is one), cpu, cuda, cuda:1, ...")] = None,
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")
     ] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default 8000; 0 picks a free one).")
@@ -249,7 +251,7 @@ def serve(
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)."""
     from wftool.commands.serve import ServeOptions, run_serve
 
-    options = ServeOptions(backend=backend, host=host, port=port, threads=threads,
+    options = ServeOptions(backend=backend, device=device, host=host, port=port, threads=threads,
                            max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
                            max_concurrent=max_concurrent, model_name=model_name)
     run_serve(source, overrides or [], options, console)

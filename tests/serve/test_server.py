@@ -138,6 +138,8 @@ def test_serve_reports_bad_sources_and_taken_ports(tmp_path, qwen3_student):
     assert wrong.exit_code == 2 and "wft export-gguf" in wrong.output
     bad = runner.invoke(app, ["serve", str(path), "--max-tokens", "0"])
     assert bad.exit_code == 2 and "--max-tokens" in bad.output
+    device = runner.invoke(app, ["serve", str(path), "--device", "abacus", "--port", "0"])
+    assert device.exit_code == 2 and "--device abacus" in device.output
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

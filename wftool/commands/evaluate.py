@@ -38,6 +38,7 @@ from wftool.eval.heldout import (
     scored_tokens,
 )
 from wftool.eval.targets import EvalTarget, resolve_sources
+from wftool.model.loading import resolve_device
 
 LM_EVAL_MAX_LENGTH = 2048  # longest sequence lm-eval scores (llama.cpp keeps all its logits)
 
@@ -129,17 +130,6 @@ def lm_eval_available() -> bool:
     return True
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise WftError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-
-
 def _open(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions, device):
     """(model, tokenizer, weights description) for one target."""
     if target.backend == "llama.cpp":
@@ -176,7 +166,7 @@ def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], options: EvalOp
     """One target's row; running out of (GPU) memory is the user's to fix, not a traceback."""
     import torch
 
-    device = _device(options.device) if target.backend == "torch" else None
+    device = resolve_device(options.device) if target.backend == "torch" else None
     try:
         return _evaluate_opened(target, sets, options, reference, progress, device)
     except torch.OutOfMemoryError:

@@ -18,6 +18,7 @@ class ServeOptions:
     """Command-line values; None means "the recipe's, else the default"."""
 
     backend: str | None = None
+    device: str | None = None
     host: str | None = None
     port: int | None = None
     threads: int | None = None
@@ -102,7 +103,9 @@ def load_engine(target: ServeTarget):
         return LlamaCppEngine(target.path, settings.threads, context)
     from wftool.serve.engine_torch import TorchEngine
 
-    return TorchEngine.load(target.path, settings.threads)
+    from wftool.model.loading import resolve_device
+
+    return TorchEngine.load(target.path, settings.threads, resolve_device(settings.device))
 
 
 def bind(host: str, port: int) -> socket.socket:

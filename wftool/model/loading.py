@@ -74,3 +74,13 @@ def _family_of(config) -> Family:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def resolve_device(name: str):
+    """A torch device from a command-line name; "auto" = the first GPU if there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise WftError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None

@@ -241,6 +241,7 @@ class ExportStage(Section):
 
 class ServeStage(Section):
     backend: Literal["llamacpp", "torch"] = "llamacpp"
+    device: str = Field("auto", description="torch backend: auto (a GPU if any), cpu, cuda, ...")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     threads: PositiveInt | None = None
@@ -251,7 +252,8 @@ class ServeStage(Section):
 
 class LaunchStage(Section):
     backend: Literal["local", "torchrun", "skypilot", "modal"] = "local"
-    infra: str | None = Field(None, description="SkyPilot infra, e.g. nebius, runpod, aws/us-east-1.")
+    infra: str | None = Field(
+        None, description="SkyPilot infra, e.g. nebius, runpod, aws/us-east-1.")
     accelerators: str | None = Field(None, description="e.g. H100:8")
     nodes: PositiveInt = 1
     gpus_per_node: PositiveInt | None = None

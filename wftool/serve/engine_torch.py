@@ -48,11 +48,11 @@ class TorchEngine:
         }
 
     @classmethod
-    def load(cls, path: Path, threads: int | None = None) -> TorchEngine:
+    def load(cls, path: Path, threads: int | None = None, device="cpu") -> TorchEngine:
         from wftool.model.checkpoint import load_model_dir
         from wftool.quant.ternary_linear import pack_ternary_layers
 
-        model, tokenizer, meta = load_model_dir(path)
+        model, tokenizer, meta = load_model_dir(path, device=device)
         if meta is not None:
             pack_ternary_layers(model)
         return cls(model, tokenizer, threads)

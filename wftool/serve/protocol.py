@@ -2,8 +2,8 @@
 
 Unknown fields are ignored (clients send many); fields that would change the answer in a
 way wft does not implement (n > 1, logprobs, echo, penalties, logit_bias, tools, JSON
-response formats) are refused with a 400 naming the field rather than silently dropped. `model` is only ever compared with the served model's id:
-no request can name a file to load.
+response formats) are refused with a 400 naming the field rather than silently dropped.
+`model` is only ever compared with the served model's id: no request can name a file.
 """
 
 from __future__ import annotations
