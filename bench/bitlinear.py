@@ -60,7 +60,8 @@ def main() -> None:
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
           f"{args.tokens} tokens, forward+backward, median of {args.repeats}")
-    print(f"{'shape':>11} {'mode':>9} {'nn.Linear ms':>13} {'BitLinear ms':>13} {'ratio':>6} {'target':>7}")
+    print(f"{'shape':>11} {'mode':>9} {'nn.Linear ms':>13} {'BitLinear ms':>13} "
+          f"{'ratio':>6} {'target':>7}")
     for size in args.sizes:
         for mode in modes:
             base, bit = measure(size, args.tokens, args.repeats, mode == "compiled")

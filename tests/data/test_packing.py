@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from tests.conftest import tiny_llama
-from wftool.data.packing import IGNORE_INDEX, PackedTextStream, TaskStream, build_stream, model_inputs
+from wftool.data.packing import (
+    IGNORE_INDEX,
+    PackedTextStream,
+    TaskStream,
+    build_stream,
+    model_inputs,
+)
 from tests.data.readers import list_reader
 from wftool.data.sources import DocumentMixer
 from wftool.recipe.schema import DataSpec

@@ -62,7 +62,8 @@ class PackedTextStream:
         }
 
     def state_dict(self) -> dict:
-        return {"mixer": self.mixer.state_dict(), "tokens": self.tokens, "positions": self.positions}
+        return {"mixer": self.mixer.state_dict(), "tokens": self.tokens,
+                "positions": self.positions}
 
     def load_state_dict(self, state: dict) -> None:
         self.mixer.load_state_dict(state["mixer"])
@@ -123,7 +124,8 @@ def model_inputs(batch: dict) -> dict:
     No KV cache: transformers keeps packed documents apart (from the position ids) only when
     no cache is passed, and training never needs one.
     """
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    kept = ("input_ids", "attention_mask", "position_ids")
+    inputs = {k: v for k, v in batch.items() if k in kept}
     inputs["use_cache"] = False
     return inputs
 

@@ -143,7 +143,8 @@ def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device 
     report = convert_to_bitnet(model, family, meta.sub_norm, meta.sub_norm_eps)
     _load_tensors(model, path, [f"{name}.weight" for name in report.sub_norms])
     set_quant_mix(model, meta.quant_mix)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    has_tokenizer = (path / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     return model.to(device).eval(), tokenizer, meta
 
 
