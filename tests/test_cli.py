@@ -55,6 +55,20 @@ def test_convert_tiny_end_to_end(tmp_path):
     assert "llama.cpp llama: ok" in plain.output  # no sub-norms: the plain llama graph
 
 
+def test_convert_reports_the_export_plan_for_the_recipes_export_type(tmp_path):
+    # SmolLM2-135M's width: no TQ type holds rows of 576, F16 (its recipe's type) does.
+    wide = ["model.config.hidden_size=576", "model.config.intermediate_size=1536"]
+    out = tmp_path / "student"
+    tq = runner.invoke(app, ["convert", "tiny", "--output", str(out), *wide])
+    assert tq.exit_code == 0, tq.output
+    assert "llama.cpp bitnet: no" in tq.output and "(576, 576)" in tq.output
+    assert "not a multiple of 256 (TQ2_0)" in tq.output
+    f16 = runner.invoke(app, ["convert", "tiny", "--output", str(out), "--force", *wide,
+                              "export.type=f16"])
+    assert f16.exit_code == 0, f16.output
+    assert "llama.cpp bitnet: ok as F16" in f16.output
+
+
 def test_convert_unsupported_family_exits_2(tmp_path):
     recipe = tmp_path / "gpt2.yaml"
     recipe.write_text("name: g\nmodel:\n  config: {model_type: gpt2}\n  tokenizer: synthetic\n")

@@ -186,34 +186,29 @@ def export_gguf(
     source: Annotated[str, typer.Argument(
         help="A recipe (exports its newest stage output) or a wft model directory.")],
     overrides: OverridesArg = None,
-    gguf_type: Annotated[str, typer.Option(
+    gguf_type: Annotated[Optional[str], typer.Option(
         "--type", help="tq1_0, tq2_0, f16 or bf16 (llama.cpp), or i2_s (BitNet.cpp only); the "
         "architecture follows convert.sub_norm: paper -> bitnet, none -> llama (default: the "
-        "recipe's export.type).")] = "",
-    output: Annotated[Optional[Path], typer.Option(help="Output .gguf file.")] = None,
-    validate: Annotated[bool, typer.Option(help="Read the file back and check it.")] = True,
+        "recipe's export.type; tq2_0 for a model directory).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        help="Output .gguf file (default: <output_dir>/<name>/<name>-<type>.gguf for a recipe, "
+        "beside a model directory otherwise).")] = None,
+    validate: Annotated[Optional[bool], typer.Option(
+        "--validate/--no-validate", help="Read the file back (and run it in llama.cpp where "
+        "installed) before it replaces the output (default: the recipe's export.validate, "
+        "else on).")] = None,
+    threads: Annotated[int, typer.Option(
+        min=1, help="llama.cpp threads for the validation run and its decode speed.")] = 1,
 ):
     """Write a GGUF file: llama.cpp's `bitnet` or `llama` architecture (TQ1_0, TQ2_0, F16,
-    BF16) or BitNet.cpp's I2_S."""
-    from wftool.commands.export import export_source, print_export_report, run_export
+    BF16) or BitNet.cpp's I2_S. A file that fails a check is not written; exit 1."""
+    from wftool.commands.export import print_export_report, resolve_export, run_export
 
-    path = Path(source)
-    if (path / "config.json").exists():
-        if overrides:
-            raise WftError("overrides apply to recipes, not to a model directory")
-        model_dir, export_type, name = path, gguf_type or "tq2_0", path.parent.name or "model"
-        if not output:
-            output = path.parent / f"{name}-{export_type}.gguf"
-    else:
-        config = _load(source, overrides, "export")
-        model_dir, name = export_source(config), config.name
-        export_type = gguf_type or config.export.type
-        validate = validate and config.export.validate_export
-        output = output or (Path(config.export.output) if config.export.output else
-                            Path(config.output_dir) / name / f"{name}-{export_type}.gguf")
-    with console.status(f"writing {output} ..."):
-        result = run_export(model_dir, export_type.lower(), output, validate, name)
-    print_export_report(result, validate, console)
+    request = resolve_export(source, overrides, gguf_type, output, validate)
+    with console.status(f"writing {request.output} ..."):
+        result = run_export(request.model_dir, request.export_type, request.output,
+                            request.validate, request.name, threads)
+    print_export_report(result, console)
     if result.problems:
         raise typer.Exit(1)
 

@@ -224,3 +224,34 @@ def test_llamacpp_comparison_catches_a_wrong_scale(tmp_path, student, tokenizer)
     path.write_bytes(bytes(data))
     stats = compare_with_llamacpp(path, student, tokenizer, "f16", prompts=PROMPTS[:1])
     assert any("rel RMS" in p for p in stats["problems"])
+
+
+def test_the_read_back_checks_every_tensors_type(tmp_path, student, tokenizer, monkeypatch):
+    from wftool.export import gguf_writer
+
+    # A writer that stores embeddings and F16 projections as F32: every value still reads
+    # back exactly, only the types are wrong.
+    monkeypatch.setattr(gguf_writer, "_float_array",
+                        lambda tensor, kind: (tensor.detach().float().numpy(), None))
+    path = tmp_path / "m.gguf"
+    target, written = _write(student, tokenizer, "paper", "f16", path)
+    problems = check_gguf_tensors(path, student, target, written)
+    assert "token_embd.weight: GGML type F32 (0), expected F16 (1)" in problems
+    assert "blk.0.attn_q.weight: GGML type F32 (0), expected F16 (1)" in problems
+    assert not any("norm" in p for p in problems)  # norms are F32 by design
+
+
+def test_decode_speed_is_timed_from_the_first_token():
+    import time
+
+    from wftool.export.validate import decode_rate
+
+    def tokens():  # 0.5 s of prompt processing, then a token every 10 ms
+        time.sleep(0.5)
+        for i in range(100):
+            yield i
+            time.sleep(0.01)
+
+    rate = decode_rate(tokens(), 11)  # 10 intervals of ~10 ms after the first token
+    assert 40 < rate < 110  # counting the prompt too would give 11 / 0.6 s = 18
+    assert np.isnan(decode_rate(iter([1]), 5))

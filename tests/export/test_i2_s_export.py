@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import tiny_llama
 from tests.export.cli import convert_tiny, export
+from tests.export.i2_s import reference_unpack_i2_s
 from wftool.export.gguf_layout import read_gguf_layout
 from wftool.export.gguf_target import plan_gguf_export
 from wftool.export.gguf_writer import write_gguf
@@ -41,15 +42,6 @@ def _nbytes(entry) -> int:
     """ggml_nbytes as BitNet.cpp's fork computes it: I2_S is n / 4 plus a 32-byte tail."""
     n = int(np.prod(entry.shape))
     return {F32: 4 * n, F16: 2 * n, I2_S: n // 4 + 32}[entry.type_id]
-
-
-def _unpack(data: np.ndarray, n: int) -> np.ndarray:
-    """Value i: group i // 128, byte i % 32 of it, bits 7-6 / 5-4 / 3-2 / 1-0 by
-    (i % 128) // 32, stored as code + 1."""
-    groups = data[: n // 4].reshape(-1, 32)
-    shifts = np.array([6, 4, 2, 0], dtype=np.uint8)
-    codes = (groups[:, None, :] >> shifts[None, :, None]) & 3  # [group, quarter, byte]
-    return codes.reshape(-1).astype(np.int8) - 1
 
 
 def test_i2_s_file_declares_type_36_and_bitnet_cpp_metadata(bitnet_i2_s):
@@ -90,7 +82,7 @@ def test_i2_s_codes_and_tail_delta_are_exact(bitnet_i2_s):
         codes, delta = ternarize(proj.weight)
         n = codes.numel()
         raw = data[entry.offset:entry.offset + n // 4 + 32]
-        assert np.array_equal(_unpack(raw, n), codes.numpy().reshape(-1))
+        assert np.array_equal(reference_unpack_i2_s(raw, n)[0], codes.numpy().reshape(-1))
         assert raw[n // 4:n // 4 + 4].view("<f4")[0] == np.float32(delta.item())
         assert not raw[n // 4 + 4:].any()
 
@@ -118,9 +110,9 @@ def test_a_llama_i2_s_export_has_permuted_q_and_k_and_no_sub_norms(tmp_path):
     assert not any("sub_norm" in t.name or t.name.endswith(".scale") for t in layout.tensors)
     entry = layout.tensor("blk.0.attn_q.weight")
     codes, _ = ternarize(model.model.layers[0].self_attn.q_proj.weight)
-    raw = np.fromfile(path, dtype=np.uint8)[entry.offset:entry.offset + codes.numel() // 4]
+    raw = np.fromfile(path, dtype=np.uint8)[entry.offset:entry.offset + codes.numel() // 4 + 32]
     permuted = llama_rope_permute(codes.numpy(), 4)
-    assert np.array_equal(_unpack(raw, codes.numel()), permuted.reshape(-1))
+    assert np.array_equal(reference_unpack_i2_s(raw, codes.numel())[0], permuted.reshape(-1))
 
 
 def test_export_command_writes_i2_s_and_says_only_bitnet_cpp_loads_it(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from tests.export.i2_s import reference_unpack_i2_s
 from wftool.export.ternary_packing import pack_i2_s, pack_tq1_0, pack_tq2_0
 from wftool.export.validate import unpack_i2_s
 from wftool.quant.ternary import ternarize
@@ -54,23 +55,11 @@ def test_tq_rejects_rows_not_multiple_of_256_and_bad_codes():
         pack_tq2_0(np.zeros((1, 256), dtype=np.float32))
 
 
-def _unpack_i2_s(data: np.ndarray, n: int) -> tuple[np.ndarray, float]:
-    """Straight from the layout description, one value at a time."""
-    values = np.empty(n, dtype=np.int8)
-    for group in range(n // 128):
-        for j in range(32):
-            byte = int(data[group * 32 + j])
-            for k, shift in enumerate((6, 4, 2, 0)):
-                values[group * 128 + j + 32 * k] = ((byte >> shift) & 3) - 1
-    delta = float(np.frombuffer(data[n // 4 : n // 4 + 4].tobytes(), dtype="<f4")[0])
-    return values, delta
-
-
 def test_i2_s_round_trips_through_an_independent_unpacker():
     codes = _codes(rows=3, cols=384, seed=2)
     packed = pack_i2_s(codes, 0.0123)
     assert packed.dtype == np.uint8 and packed.size == codes.size // 4 + 32
-    values, delta = _unpack_i2_s(packed, codes.size)
+    values, delta = reference_unpack_i2_s(packed, codes.size)
     assert np.array_equal(values, codes.reshape(-1))
     assert delta == np.float32(0.0123)
     assert not packed[codes.size // 4 + 4 :].any()
@@ -87,10 +76,10 @@ def test_i2_s_first_byte_by_hand():
     assert packed[32:36].tobytes() == np.float32(1.0).tobytes()
 
 
-def test_the_read_back_unpacker_agrees_with_the_one_value_at_a_time_one():
+def test_the_read_back_unpacker_agrees_with_the_reference_one():
     # Arbitrary bytes (not wft's packer output): both readers of the layout must agree.
     data = np.random.default_rng(4).integers(0, 256, size=3 * 32 + 32, dtype=np.uint8)
-    expected, expected_delta = _unpack_i2_s(data, 3 * 128)
+    expected, expected_delta = reference_unpack_i2_s(data, 3 * 128)
     values, delta = unpack_i2_s(data, 3 * 128)
     assert np.array_equal(values, expected)
     assert delta == expected_delta or (np.isnan(delta) and np.isnan(expected_delta))

@@ -2,36 +2,32 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import tiny_llama, tiny_qwen3
-from wftool.model.families import FAMILIES, bitnet_gguf_blockers, family_for_model_type
+from wftool.model.families import FAMILIES, family_for_model_type, head_dim
 from wftool.model.surgery import bitlinear_layers, convert_to_bitnet
 
 
-def _config(**kw):
-    base = dict(tie_word_embeddings=True, hidden_act="silu", hidden_size=256,
-                intermediate_size=768, num_attention_heads=4, head_dim=64)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def test_head_dim_is_the_configs_or_hidden_over_heads():
+    assert head_dim(SimpleNamespace(head_dim=128, hidden_size=256, num_attention_heads=4)) == 128
+    assert head_dim(SimpleNamespace(head_dim=None, hidden_size=256, num_attention_heads=4)) == 64
+    assert head_dim(SimpleNamespace(hidden_size=576, num_attention_heads=9)) == 64
 
 
-def test_llama_paper_shape_fits_bitnet():
-    assert bitnet_gguf_blockers(FAMILIES["llama"], _config(), "paper") == []
+def test_llama_gguf_tensors_are_the_bitnet_ones_without_sub_norms():
+    family = FAMILIES["llama"]
+    bitnet = dict(family.gguf_layer_tensors("bitnet"))
+    llama = dict(family.gguf_layer_tensors("llama"))
+    assert set(bitnet) - set(llama) == {"self_attn.attn_sub_norm", "mlp.ffn_sub_norm"}
+    assert all(bitnet[path] == name for path, name in llama.items())
+    with pytest.raises(ValueError, match="qwen3"):
+        family.gguf_layer_tensors("qwen3")
 
 
-@pytest.mark.parametrize(
-    "family,config,sub_norm,needle",
-    [
-        ("qwen3", _config(), "paper", "QK-norm"),
-        ("qwen2", _config(), "paper", "biases"),
-        ("llama", _config(tie_word_embeddings=False), "paper", "not tied"),
-        ("llama", _config(), "all", "placement 'all'"),
-        ("llama", _config(hidden_size=576, head_dim=144), "paper", "hidden_size 576"),
-        ("llama", _config(hidden_act="relu2"), "paper", "SiLU"),
-    ],
-)
-def test_bitnet_blockers_say_why(family, config, sub_norm, needle):
-    reasons = bitnet_gguf_blockers(FAMILIES[family], config, sub_norm)
-    assert any(needle in r for r in reasons), reasons
+@pytest.mark.parametrize("name,needle", [("qwen2", "biases"), ("qwen3", "QK-norm")])
+def test_families_that_fit_no_gguf_graph_say_why_and_what_to_do(name, needle):
+    family = FAMILIES[name]
+    assert needle in family.bitnet_gguf_blocker and needle in family.llama_gguf_blocker
+    assert "wft serve --backend torch" in family.gguf_fix
+    assert FAMILIES["llama"].bitnet_gguf_blocker is None
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])

@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from wftool.errors import WftError
+from wftool.export.gguf_target import plan_gguf_export
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
-from wftool.model.families import bitnet_gguf_blockers, gguf_arch_for
 from wftool.model.loading import load_source_model
 from wftool.model.surgery import ConversionReport, convert_to_bitnet
 from wftool.recipe.schema import Recipe
@@ -26,7 +26,8 @@ class ConvertResult:
     report: ConversionReport
     family: str
     gguf_arch: str  # the llama.cpp architecture its SubLN placement exports to
-    gguf_blockers: list[str]
+    gguf_type: str  # the recipe's export.type, which the check below is for
+    gguf_blockers: list[str]  # why `wft export-gguf` would refuse it (empty: it fits)
 
 
 def default_convert_output(recipe: Recipe) -> Path:
@@ -50,9 +51,13 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
     save_model_dir(model, tokenizer, output, meta)
     if recipe.sync_to:
         upload_dir(output, stage_url(recipe.sync_to, recipe.name, "convert"))
-    arch = gguf_arch_for(stage.sub_norm)
-    blockers = bitnet_gguf_blockers(family, model.config, stage.sub_norm, arch)
-    return ConvertResult(output, report, family.name, arch, blockers)
+    # The same plan `wft export-gguf` makes, for the type the recipe exports.
+    export_type = recipe.export.type
+    target, blockers = plan_gguf_export(model, family, stage.sub_norm, meta.quant_mix,
+                                        export_type, tokenizer)
+    arch = target.arch if target else "bitnet"  # no architecture fits: the paper's is nearest
+    return ConvertResult(output, report, family.name, arch, export_type,
+                         [b.reason for b in blockers])
 
 
 def _first_sub_norm_eps(model) -> float:
@@ -83,9 +88,10 @@ def print_convert_summary(result: ConvertResult, recipe: Recipe, console: Consol
         f"{report.quantized_params * 4 / 1e6:.1f} MB as fp32 -> {ternary_mb:.1f} MB as TQ2_0",
     )
     target = f"llama.cpp {result.gguf_arch}"
-    gguf = f"{target}: ok" if not result.gguf_blockers else (
-        f"{target}: no (" + "; ".join(result.gguf_blockers) + ")"
-    )
+    if result.gguf_blockers:
+        gguf = f"{target}: no (" + "; ".join(result.gguf_blockers) + ")"
+    else:
+        gguf = f"{target}: ok as {result.gguf_type.upper()} (export.type)"
     table.add_row("export", gguf)
     table.add_row("saved to", str(result.output))
     console.print(table)

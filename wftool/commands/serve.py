@@ -77,17 +77,15 @@ def resolve_target(source: str, overrides: list[str], options: ServeOptions) -> 
     if path.is_dir():
         raise WftError(f"{path} has no config.json: not a model directory")
 
-    from wftool.commands.export import export_source
+    from wftool.commands.export import export_source, recipe_gguf_path
     from wftool.recipe.load import load_recipe
 
     recipe = load_recipe(source, overrides, stage="serve")
     settings = _settings(recipe.serve, options)
     if settings.backend == "llamacpp":
-        export = recipe.export
-        gguf = Path(export.output) if export.output else (
-            Path(recipe.output_dir) / recipe.name / f"{recipe.name}-{export.type}.gguf")
+        gguf = recipe_gguf_path(recipe)
         if not gguf.is_file():
-            raise WftError(f"{recipe.name} has no {export.type} export at {gguf} yet",
+            raise WftError(f"{recipe.name} has no {recipe.export.type} export at {gguf} yet",
                            f"run `wft export-gguf {source}` first, or serve the checkpoint "
                            "with --backend torch")
         return ServeTarget(gguf, settings, options.model_name or recipe.name)

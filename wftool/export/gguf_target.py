@@ -4,23 +4,37 @@ The sub-norm placement the student was converted with picks the architecture: th
 SubLN is llama.cpp's `bitnet` graph; no sub-norms is the plain `llama` graph (Q/K rows
 permuted for its RoPE). Per-projection input norms (`all`) fit no upstream graph. The type
 decides where the per-tensor delta lives and which runtime can load the file: I2_S is
-BitNet.cpp's own type, so only BitNet.cpp (extern/BitNet) loads such a file.
+BitNet.cpp's own type, so only BitNet.cpp (extern/BitNet) loads such a file. Each thing that
+keeps a student (or its tokenizer, see gguf_tokenizer.py) from an exact file is a Blocker:
+the reason, and what to do about that reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from wftool.export.gguf_tokenizer import tokenizer_blockers
 from wftool.export.ternary_packing import I2_S_GROUP, QK_K
-from wftool.model.families import Family, gguf_structure_blockers
-from wftool.quant.bitlinear import BitLinear
+from wftool.model.families import Family, head_dim
+from wftool.quant.bitlinear import BitLinear, RMSNorm
 
 EXPORT_TYPES = ("tq1_0", "tq2_0", "i2_s", "f16", "bf16")
+# The llama.cpp graph each sub-norm placement is: `bitnet` applies the paper's two SubLN
+# norms, `llama` none. Per-projection norms (`all`) fit neither.
 ARCH_FOR_SUB_NORM = {"paper": "bitnet", "none": "llama"}
+TORCH_FIX = "serve the student with `wft serve --backend torch`"
 # Row lengths (in_features) each packed type needs: TQ blocks of 256, I2_S groups of 128.
 ROW_MULTIPLE = {"tq1_0": QK_K, "tq2_0": QK_K, "i2_s": I2_S_GROUP}
+
+
+class Blocker(NamedTuple):
+    """One thing that keeps a student from an exact GGUF, and what to do about it."""
+
+    reason: str
+    fix: str
 
 
 @dataclass(frozen=True)
@@ -65,37 +79,101 @@ class GgufTarget:
         return float(np.float16(delta))
 
 
-def plan_gguf_export(model, family: Family, sub_norm: str, quant_mix: float,
-                     export_type: str) -> tuple[GgufTarget | None, list[str]]:
-    """The architecture the student fits and everything that keeps it from an exact GGUF of
-    `export_type` there (an empty list when it fits)."""
+def plan_gguf_export(model, family: Family, sub_norm: str, quant_mix: float, export_type: str,
+                     tokenizer=None) -> tuple[GgufTarget | None, list[Blocker]]:
+    """The architecture the student fits and everything that keeps it (and `tokenizer`,
+    when given) from an exact GGUF of `export_type` there (an empty list when it fits)."""
     if export_type not in EXPORT_TYPES:
         raise ValueError(f"export type must be one of {EXPORT_TYPES}")
     arch = ARCH_FOR_SUB_NORM.get(sub_norm)
     if arch is None:
-        problems = [(f"sub_norm placement '{sub_norm}': per-projection input norms fit no "
-                     "llama.cpp architecture (bitnet needs 'paper', llama needs 'none')")]
+        problems = [Blocker(
+            f"sub_norm placement '{sub_norm}': per-projection input norms fit no llama.cpp "
+            "architecture (bitnet needs 'paper', llama needs 'none')",
+            "convert with convert.sub_norm=paper (llama.cpp `bitnet`) or none (`llama`) and "
+            f"train again, or {TORCH_FIX}")]
     else:
-        problems = gguf_structure_blockers(family, model.config, sub_norm, arch)
+        problems = _structure_problems(model, family, arch)
     if quant_mix < 1.0:
-        problems.append(f"quantization warm-up is unfinished (mix {quant_mix:.3f} < 1): the "
-                        "latent weights are not yet the ternary ones the model was trained as")
+        problems.append(Blocker(
+            f"quantization warm-up is unfinished (mix {quant_mix:.3f} < 1): the latent weights "
+            "are not yet the ternary ones the model was trained as",
+            "train past quantization.warmup_steps (the mix reaches 1 there) and export that "
+            "checkpoint"))
     problems += _projection_problems(model, export_type)
+    if tokenizer is not None:
+        problems += [Blocker(*p) for p in tokenizer_blockers(tokenizer, model.config.vocab_size)]
     target = GgufTarget(arch, export_type) if arch else None
     return target, list(dict.fromkeys(problems))
 
 
-def _projection_problems(model, export_type: str) -> list[str]:
+def _structure_problems(model, family: Family, arch: str) -> list[Blocker]:
+    """Where the model's graph differs from llama.cpp's `arch` graph."""
+    config = model.config
+    problems = []
+    blocker = family.bitnet_gguf_blocker if arch == "bitnet" else family.llama_gguf_blocker
+    if blocker:
+        problems.append(Blocker(blocker, family.gguf_fix))
+    if arch == "bitnet" and not getattr(config, "tie_word_embeddings", False):
+        problems.append(Blocker(
+            "lm_head is not tied to the embeddings (bitnet has no output tensor)",
+            "convert with convert.sub_norm=none (llama.cpp `llama` has an output tensor) and "
+            f"train again, or {TORCH_FIX}"))
+    if arch == "bitnet":
+        problems += _sub_norm_eps_problems(model, family, config)
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(Blocker(f"activation '{config.hidden_act}' ({arch} hard-codes SiLU)",
+                                TORCH_FIX))
+    if head_dim(config) * config.num_attention_heads != config.hidden_size:
+        problems.append(Blocker("n_heads * head_dim != hidden_size", TORCH_FIX))
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(Blocker(f"RoPE scaling '{rope_type}' is not written to the GGUF yet",
+                                TORCH_FIX))
+    return problems
+
+
+def _sub_norm_eps_problems(model, family: Family, config) -> list[Blocker]:
+    """llama.cpp's `bitnet` graph normalises the sub-norms with the one
+    layer_norm_rms_epsilon (rms_norm_eps) too, so their own eps must be the same number."""
+    norms = [getattr(layer.get_submodule(slot.parent), slot.name, None)
+             for layer in model.get_submodule(family.layers) for slot in family.sub_norms]
+    other = next((norm.eps for norm in norms if isinstance(norm, RMSNorm)
+                  and np.float32(norm.eps) != np.float32(config.rms_norm_eps)), None)
+    if other is None:
+        return []
+    return [Blocker(
+        f"the sub-norms use eps {other:g} but rms_norm_eps is {config.rms_norm_eps:g}: "
+        "llama.cpp's bitnet graph applies layer_norm_rms_epsilon (rms_norm_eps) to the "
+        "sub-norms too",
+        "convert with convert.sub_norm_eps unset (or equal to rms_norm_eps) and train again, "
+        f"or {TORCH_FIX}")]
+
+
+def _projection_problems(model, export_type: str) -> list[Blocker]:
     """The first projection with a bias and the first with rows the type cannot hold: one
-    line per kind says why and names a tensor and its shape."""
+    blocker per kind says why and names a tensor and its shape."""
     bias = rows = None
     multiple = ROW_MULTIPLE.get(export_type)
     for name, module in model.named_modules():
         if not isinstance(module, BitLinear):
             continue
         if bias is None and module.bias is not None:
-            bias = f"{name} has a bias, which wft does not write to GGUF"
+            bias = Blocker(f"{name} has a bias, which wft does not write to GGUF", TORCH_FIX)
         if rows is None and multiple and module.in_features % multiple:
-            rows = (f"{name}.weight {tuple(module.weight.shape)}: rows of {module.in_features} "
-                    f"are not a multiple of {multiple} ({export_type.upper()})")
+            rows = Blocker(
+                f"{name}.weight {tuple(module.weight.shape)}: rows of {module.in_features} are "
+                f"not a multiple of {multiple} ({export_type.upper()})",
+                _row_fix(model, export_type))
     return [p for p in (bias, rows) if p]
+
+
+def _row_fix(model, export_type: str) -> str:
+    """The types that hold every row of the model: F16/BF16 always, I2_S where each row is
+    whole groups of 128 (BitNet.cpp only)."""
+    fits_i2_s = all(m.in_features % I2_S_GROUP == 0 for m in model.modules()
+                    if isinstance(m, BitLinear))
+    if fits_i2_s and export_type != "i2_s":
+        return "export with --type f16 or bf16 (any row length), or i2_s (BitNet.cpp only)"
+    return "export with --type f16 or bf16 (any row length)"

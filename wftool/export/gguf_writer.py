@@ -6,22 +6,19 @@ GgufTarget.delta_storage): an F32 `blk.N.<proj>.scale` tensor for `bitnet` (bloc
 the fp16 block scale or the float values for `llama`, the fp32 tail for I2_S. For `llama`
 the Q and K rows are permuted as llama.cpp's convert_hf_to_gguf.py does, because its RoPE
 rotates adjacent pairs where Hugging Face rotates halves. Embeddings and norms stay in
-floating point; the tokenizer and chat template go into the metadata.
+floating point; gguf_tokenizer.py writes the tokenizer and chat template.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wftool.errors import WftError
 from wftool.export.gguf_target import GgufTarget
+from wftool.export.gguf_tokenizer import add_tokenizer
 from wftool.export.ternary_packing import (
     I2_S_FILE_TYPE,
     I2_S_TYPE_ID,
@@ -29,7 +26,7 @@ from wftool.export.ternary_packing import (
     pack_tq1_0,
     pack_tq2_0,
 )
-from wftool.model.families import Family
+from wftool.model.families import Family, head_dim
 from wftool.quant.bitlinear import BitLinear
 from wftool.quant.ternary import ternarize
 
@@ -42,7 +39,7 @@ I2_S_DESCRIPTION = ("wft ternary student. Its I2_S tensors (GGML type 36) load o
 class ExportedTensor:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "ternary" or "float"
+    kind: str  # "ternary" (a projection), "float" (embeddings) or "norm" (F32 weights)
     module: str | None = None  # the BitLinear it came from (ternary tensors)
     permute_heads: int | None = None  # heads of the llama RoPE row permutation, if applied
 
@@ -95,39 +92,6 @@ def _rope_theta(config) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def _add_tokenizer(writer, tokenizer) -> None:
-    from gguf import TokenType
-
-    vocab_size = len(tokenizer)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
-    special = set(tokenizer.all_special_ids)
-    added = set(tokenizer.get_added_vocab().values())
-    types = [
-        TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i in added
-        else TokenType.NORMAL
-        for i in range(vocab_size)
-    ]
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if model.get("type") != "BPE":
-        raise WftError(f"tokenizer model {model.get('type')} is not byte-level BPE; "
-                       "llama.cpp's gpt2 tokenizer needs BPE")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    if tokenizer.eos_token_id is not None:
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(False)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
 def _file_type(export_type: str) -> int:
     import gguf
 
@@ -149,37 +113,37 @@ def _add_hparams(writer, config, head_dim: int) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def write_gguf(model, tokenizer, family: Family, target: GgufTarget, output: Path,
+def write_gguf(model, tokenizer, family: Family, target: GgufTarget, path: Path,
                name: str = "wft-student") -> list[ExportedTensor]:
-    """Write `model` to `output` atomically; returns what was written. Call
-    plan_gguf_export first: this function assumes the model fits `target`."""
+    """Write `model` to `path` (removed again if writing fails); returns what was written.
+    Call plan_gguf_export first: this function assumes the model fits `target`. The caller
+    picks the path: `wft export-gguf` writes a temporary file and moves it into place only
+    once it has been checked."""
     import gguf
 
     config = model.config
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    path = Path(path)
     # llama.cpp's `llama` RoPE pairs adjacent rows: Q and K are permuted per head.
     permuted = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     float_type = "bf16" if target.export_type == "bf16" else "f16"
-    writer = gguf.GGUFWriter(tmp, target.arch)
+    writer = gguf.GGUFWriter(path, target.arch)
     written: list[ExportedTensor] = []
     try:
         writer.add_name(name)
         writer.add_file_type(_file_type(target.export_type))
         if target.export_type == "i2_s":
             writer.add_description(I2_S_DESCRIPTION)
-        _add_hparams(writer, config, head_dim)
-        _add_tokenizer(writer, tokenizer)
+        _add_hparams(writer, config, head_dim(config))
+        add_tokenizer(writer, tokenizer, config.vocab_size)
 
-        def add_float(gguf_name: str, tensor: torch.Tensor, keep_f32: bool = False):
-            if keep_f32:  # norms stay F32, as llama.cpp's converter writes them
+        def add_float(gguf_name: str, tensor: torch.Tensor, norm: bool = False):
+            if norm:  # norms stay F32, as llama.cpp's converter writes them
                 writer.add_tensor(gguf_name, tensor.detach().float().cpu().numpy())
             else:
                 array, raw_dtype = _float_array(tensor, float_type)
                 writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
-            written.append(ExportedTensor(gguf_name, tuple(tensor.shape), "float"))
+            written.append(ExportedTensor(gguf_name, tuple(tensor.shape),
+                                          "norm" if norm else "float"))
 
         add_float("token_embd.weight", model.get_submodule(family.embeddings).weight)
         if not getattr(config, "tie_word_embeddings", False):  # `llama` only: see the plan
@@ -189,7 +153,7 @@ def write_gguf(model, tokenizer, family: Family, target: GgufTarget, output: Pat
                 module = layer.get_submodule(module_path)
                 gguf_name = f"blk.{index}.{short}"
                 if not isinstance(module, BitLinear):
-                    add_float(f"{gguf_name}.weight", module.weight, keep_f32=True)
+                    add_float(f"{gguf_name}.weight", module.weight, norm=True)
                     continue
                 codes, delta = ternarize(module.weight)
                 codes = codes.cpu().numpy()
@@ -204,14 +168,14 @@ def write_gguf(model, tokenizer, family: Family, target: GgufTarget, output: Pat
                     f"{gguf_name}.weight", tuple(module.weight.shape), "ternary",
                     f"{family.layers}.{index}.{module_path}", heads))
         add_float("output_norm.weight", model.get_submodule(family.final_norm).weight,
-                  keep_f32=True)
+                  norm=True)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, output)
     except BaseException:
         writer.close()
-        tmp.unlink(missing_ok=True)
+        if path.is_file():
+            path.unlink()
         raise
     return written

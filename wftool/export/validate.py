@@ -8,17 +8,19 @@ import numpy as np
 
 from wftool.export.gguf_layout import read_gguf_layout
 from wftool.export.gguf_target import GgufTarget
+from wftool.export.gguf_tokenizer import CHKTXT
 from wftool.export.gguf_writer import ExportedTensor, llama_rope_permute
 from wftool.export.ternary_packing import I2_S_TYPE_ID
 from wftool.quant.ternary import ternarize
 
 I2_S_UNPACK_CHUNK = 1 << 20  # values per step of the I2_S read-back (bounds its memory)
+F32_TYPE_ID = 0  # GGML_TYPE_F32: norms and `.scale` tensors
 
 
 def check_gguf_tensors(path: Path, model, target: GgufTarget,
                        written: list[ExportedTensor]) -> list[str]:
     """Problems found re-reading `path`: wrong architecture, missing or extra tensors, wrong
-    shapes or types, ternary tensors whose values (times their `.scale` tensor, if any)
+    shapes or GGML types, ternary tensors whose values (times their `.scale` tensor, if any)
     differ in any element from the model's codes x the delta the file is meant to hold."""
     if target.export_type == "i2_s":
         return _check_i2_s(path, model, target, written)
@@ -37,6 +39,11 @@ def check_gguf_tensors(path: Path, model, target: GgufTarget,
         if shape != item.shape:
             problems.append(f"{item.name}: shape {shape}, expected {item.shape}")
             continue
+        wrong_type = _type_problem(item.name, int(tensor.tensor_type),
+                                   expected_ggml_type(item, target))
+        if wrong_type:
+            problems.append(wrong_type)
+            continue
         if item.kind != "ternary":
             continue
         codes, delta = _expected_codes(model, item)
@@ -46,6 +53,8 @@ def check_gguf_tensors(path: Path, model, target: GgufTarget,
             scale = tensors.get(f"{base}.scale")
             if scale is None:
                 problems.append(f"{base}.scale: missing")
+            elif _type_problem(scale.name, int(scale.tensor_type), F32_TYPE_ID):
+                problems.append(_type_problem(scale.name, int(scale.tensor_type), F32_TYPE_ID))
             elif np.float32(scale.data[0]) != np.float32(delta):
                 problems.append(f"{base}.scale: {scale.data[0]} != delta {delta}")
         expected = codes.astype(np.float32) * np.float32(
@@ -55,6 +64,36 @@ def check_gguf_tensors(path: Path, model, target: GgufTarget,
                             "ternary codes x delta")
     problems += _unexpected(tensors, target, written)
     return problems
+
+
+def expected_ggml_type(item: ExportedTensor, target: GgufTarget) -> int:
+    """The GGML type id a tensor of `target` must have: F32 norms, F16 (BF16 for a bf16
+    export) embeddings, projections of the export type."""
+    from gguf import GGMLQuantizationType as T
+
+    if item.kind == "norm":
+        return int(T.F32)
+    if item.kind == "float":
+        return int(T.BF16 if target.export_type == "bf16" else T.F16)
+    return {"tq1_0": int(T.TQ1_0), "tq2_0": int(T.TQ2_0), "f16": int(T.F16),
+            "bf16": int(T.BF16), "i2_s": I2_S_TYPE_ID}[target.export_type]
+
+
+def _type_problem(name: str, found: int, expected: int) -> str | None:
+    if found == expected:
+        return None
+    return f"{name}: GGML type {_type_name(found)}, expected {_type_name(expected)}"
+
+
+def _type_name(type_id: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    if type_id == I2_S_TYPE_ID:
+        return f"I2_S ({type_id})"
+    try:
+        return f"{GGMLQuantizationType(type_id).name} ({type_id})"
+    except ValueError:
+        return str(type_id)
 
 
 def _expected_codes(model, item: ExportedTensor) -> tuple[np.ndarray, float]:
@@ -106,11 +145,11 @@ def _check_i2_s(path: Path, model, target: GgufTarget,
         if entry.shape != item.shape:
             problems.append(f"{item.name}: shape {entry.shape}, expected {item.shape}")
             continue
-        if item.kind != "ternary":
+        wrong_type = _type_problem(item.name, entry.type_id, expected_ggml_type(item, target))
+        if wrong_type:
+            problems.append(wrong_type)
             continue
-        if entry.type_id != I2_S_TYPE_ID:
-            problems.append(f"{item.name}: GGML type {entry.type_id}, expected I2_S "
-                            f"({I2_S_TYPE_ID})")
+        if item.kind != "ternary":
             continue
         n = int(np.prod(item.shape))
         size = n // 4 + 32  # BitNet.cpp's ggml_nbytes for I2_S: codes plus a 32-byte tail
@@ -141,18 +180,11 @@ LOGIT_LIMITS = {"f16": (2e-3, 0.98), "bf16": (1e-2, 0.98), "tq1_0": (5e-2, 0.98)
                 "tq2_0": (5e-2, 0.98)}
 
 
-def llamacpp_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
 def compare_with_llamacpp(path: Path, model, tokenizer, export_type: str, threads: int = 1,
                           prompts=VALIDATION_PROMPTS, decode_tokens: int = 32) -> dict:
     """Tokenization and all-position logits of llama.cpp vs the PyTorch forward, plus
-    llama.cpp's decode speed. Returns the numbers and a list of `problems`."""
-    import time
-
+    llama.cpp's decode speed. Returns the numbers and a list of `problems`. A file llama.cpp
+    cannot load raises WftError (wftool.runtime.llamacpp.open_llama)."""
     import torch
 
     from wftool.model.surgery import float_activations
@@ -160,13 +192,12 @@ def compare_with_llamacpp(path: Path, model, tokenizer, export_type: str, thread
 
     llm = open_llama(path, 256, threads, logits_all=True)
     try:
-        problems, squared_error, squared_ref, agree, positions = [], 0.0, 0.0, 0, 0
+        problems = _tokenization_problems(llm, tokenizer, [CHKTXT, *prompts])
+        squared_error, squared_ref, agree, positions = 0.0, 0.0, 0, 0
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            theirs = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-            if list(theirs) != list(ids):
-                problems.append(f"llama.cpp tokenizes {prompt[:30]!r}... differently")
-                continue
+            if list(llm.tokenize(prompt.encode(), add_bos=False, special=True)) != list(ids):
+                continue  # reported above
             llm.reset()
             llm.eval(ids)
             got = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
@@ -191,14 +222,38 @@ def compare_with_llamacpp(path: Path, model, tokenizer, export_type: str, thread
         if positions and top1 < min_top1:
             problems.append(f"top-1 agreement {top1:.3f} < {min_top1}")
         llm.reset()
-        start = time.perf_counter()
-        produced = 0
-        for _ in llm.generate(tokenizer(prompts[0], add_special_tokens=False)["input_ids"],
-                              temp=0.0):
-            produced += 1
-            if produced >= decode_tokens:
-                break
-        decode = produced / (time.perf_counter() - start)
+        ids = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+        decode = decode_rate(llm.generate(ids, temp=0.0), decode_tokens)
     finally:
         llm.close()
     return {"rel_rms": rel_rms, "top1": top1, "decode_tok_s": decode, "problems": problems}
+
+
+def _tokenization_problems(llm, tokenizer, texts) -> list[str]:
+    """Texts llama.cpp tokenizes otherwise than the Hugging Face tokenizer, each as the
+    tokenizer would for a user: special tokens added (BOS/EOS as the GGUF says) and
+    parsed. CHKTXT, llama.cpp's own pre-tokenizer test text, checks tokenizer.ggml.pre."""
+    problems = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        if list(llm.tokenize(text.encode(), add_bos=True, special=True)) != list(ids):
+            what = "its pre-tokenizer test text" if text == CHKTXT else f"{text[:30]!r}..."
+            problems.append(f"llama.cpp tokenizes {what} differently from the tokenizer")
+    return problems
+
+
+def decode_rate(tokens, limit: int) -> float:
+    """Tokens per second of a token generator, up to `limit` tokens, timed from its first
+    token: that one comes after the prompt is processed, which is not decoding."""
+    import time
+
+    start, produced = None, 0
+    for _ in tokens:
+        produced += 1
+        if start is None:
+            start = time.perf_counter()
+        if produced >= limit:
+            break
+    if produced < 2:
+        return float("nan")
+    return (produced - 1) / (time.perf_counter() - start)

@@ -1,8 +1,9 @@
 """What wft knows about each supported model family, one table entry per family.
 
-Module names, where SubLN goes, and whether a converted model of that family can be written
-to llama.cpp's `bitnet` (paper SubLN) or `llama` (no sub-norms) GGUF architecture all live
-here, so the rest of the code never branches on a family name.
+Module names, where SubLN goes, the GGUF tensor names, and what keeps a family from
+llama.cpp's `bitnet` (paper SubLN) or `llama` (no sub-norms) graph all live here, so the rest
+of the code never branches on a family name. Checks that hold for every family (tied
+embeddings, SiLU, row lengths) are in wftool/export/gguf_target.py.
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ from wftool.errors import WftError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-GGUF_BLOCK = 256  # TQ1_0 / TQ2_0 row lengths must be multiples of this
-# The sub-norm placement each llama.cpp architecture computes: `bitnet` applies the paper's
-# two SubLN norms, `llama` none. Per-projection norms (`all`) fit neither.
-GGUF_ARCH_SUB_NORM = {"bitnet": "paper", "llama": "none"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +45,8 @@ class Family:
     bitnet_gguf_blocker: str | None = None
     # Why llama.cpp's `llama` architecture (students without sub-norms) cannot, if so.
     llama_gguf_blocker: str | None = None
+    # What to do instead when one of the two above applies.
+    gguf_fix: str = "serve the student with `wft serve --backend torch`"
     # Per-layer module path -> llama.cpp `bitnet` tensor name (blk.N.<name>).
     bitnet_layer_tensors: tuple[tuple[str, str], ...] = (
         ("input_layernorm", "attn_norm"),
@@ -99,14 +98,10 @@ FAMILIES: dict[str, Family] = {
             "qwen3",
             ("qwen3",),
             "Qwen3",
-            bitnet_gguf_blocker=(
-                "QK-norm (q_norm/k_norm) has no slot in the bitnet graph; "
-                "serve Qwen3 students with `wft serve --backend torch`"
-            ),
-            llama_gguf_blocker=(
-                "QK-norm (q_norm/k_norm) has no slot in the llama graph; "
-                "serve Qwen3 students with `wft serve --backend torch`"
-            ),
+            bitnet_gguf_blocker="QK-norm (q_norm/k_norm) has no slot in the bitnet graph",
+            llama_gguf_blocker="QK-norm (q_norm/k_norm) has no slot in the llama graph",
+            gguf_fix=("serve Qwen3 students with `wft serve --backend torch` (ternary Qwen3 "
+                      "GGUFs run only in Microsoft's patched BitNet fork)"),
         ),
     )
 }
@@ -135,44 +130,7 @@ def family_by_name(name: str) -> Family:
         ) from None
 
 
-def gguf_structure_blockers(family: Family, config, sub_norm: str, arch: str) -> list[str]:
-    """Reasons the model's structure (not its widths) differs from llama.cpp's `arch` graph."""
-    reasons = []
-    blocker = family.bitnet_gguf_blocker if arch == "bitnet" else family.llama_gguf_blocker
-    if blocker:
-        reasons.append(blocker)
-    if sub_norm != GGUF_ARCH_SUB_NORM[arch]:
-        reasons.append(f"sub_norm placement '{sub_norm}' ({arch} needs "
-                       f"'{GGUF_ARCH_SUB_NORM[arch]}')")
-    if arch == "bitnet" and not getattr(config, "tie_word_embeddings", False):
-        reasons.append("lm_head is not tied to the embeddings (bitnet has no output tensor)")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        reasons.append(f"activation '{config.hidden_act}' ({arch} hard-codes SiLU)")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        reasons.append("n_heads * head_dim != hidden_size")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        reasons.append(f"RoPE scaling '{rope_type}' is not written to the GGUF yet")
-    return reasons
-
-
-def gguf_arch_for(sub_norm: str) -> str:
-    """The llama.cpp architecture a student converted with `sub_norm` exports to (`bitnet`
-    for placements that fit none, so its reasons are the ones reported)."""
-    return next((arch for arch, s in GGUF_ARCH_SUB_NORM.items() if s == sub_norm), "bitnet")
-
-
-def bitnet_gguf_blockers(family: Family, config, sub_norm: str,
-                         arch: str = "bitnet") -> list[str]:
-    """Reasons a converted model cannot be written exactly to llama.cpp's `arch` (default
-    `bitnet`) as TQ1_0/TQ2_0 (the structure, plus widths that are not whole TQ blocks)."""
-    reasons = gguf_structure_blockers(family, config, sub_norm, arch)
-    for name, width in (
-        ("hidden_size", config.hidden_size),
-        ("intermediate_size", config.intermediate_size),
-    ):
-        if width % GGUF_BLOCK:
-            reasons.append(f"{name} {width} is not a multiple of {GGUF_BLOCK} (TQ1_0/TQ2_0 rows)")
-    return reasons
+def head_dim(config) -> int:
+    """Width of one attention head: `config.head_dim` where the family sets it (Qwen3),
+    hidden_size / num_attention_heads otherwise."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

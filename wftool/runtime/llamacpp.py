@@ -17,6 +17,13 @@ INSTALL_HINT = "pip install 'wftool[llamacpp]' (builds llama.cpp: ~6-13 min on 2
 LOAD_HINT = "wft's I2_S files load only in BitNet.cpp (extern/BitNet)"
 
 
+def llamacpp_available() -> bool:
+    """Whether llama-cpp-python is installed (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def import_llama(purpose: str = "running a GGUF file", alternative: str | None = None):
     """The `llama_cpp.Llama` class; a WftError saying how to install it where it is missing.
     `purpose` starts the message ("<purpose> needs llama-cpp-python"); `alternative`, if
