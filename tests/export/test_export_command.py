@@ -126,6 +126,7 @@ def test_the_type_is_lower_cased_and_the_name_comes_from_the_saved_recipe(tmp_pa
     assert request.output == plain_student.parent / "tinier-f16.gguf"
     result = runner.invoke(app, ["export-gguf", str(plain_student), "--type", "F16",
                                  "--no-validate", "--output", str(tmp_path / "n.gguf")])
+    assert result.exit_code == 0, result.output
     name = GGUFReader(str(tmp_path / "n.gguf")).fields["general.name"]
     assert bytes(name.parts[-1]).decode() == "student"
 
@@ -219,3 +220,26 @@ def test_validation_prompts_read_local_files_and_fall_back_on_any_failure(tmp_pa
     (broken / "recipe.yaml").write_text("name: [unclosed\n")
     assert validation_prompts(broken, tokenizer) == list(VALIDATION_PROMPTS)
     assert validation_prompts(tmp_path, tokenizer) == list(VALIDATION_PROMPTS)  # no recipe
+
+
+def test_a_directory_without_tokenizer_files_is_refused(tmp_path):
+    model = convert_tiny(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink(missing_ok=True)
+    code, text = export(model, tmp_path / "x.gguf")
+    assert code == 2 and "has no tokenizer files" in text and "Traceback" not in text
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_stage_folder_exports_its_final_directory_as_its_recipe_says(tmp_path):
+    runs = tmp_path / "runs"
+    assert runner.invoke(app, ["convert", "tiny", f"output_dir={runs}",
+                               "export.type=f16"]).exit_code == 0
+    stage = runs / "tiny" / "convert"
+    (stage / "final" / "recipe.yaml").write_text("name: tiny\nexport: {type: f16}\n")
+    request = resolve_export(str(stage))
+    assert request.model_dir == stage / "final"
+    assert (request.name, request.export_type) == ("tiny", "f16")  # the saved recipe's type
+    assert request.output == stage / "tiny-f16.gguf"
+    code, text = export(stage, tmp_path / "s.gguf", "--no-validate")
+    assert code == 0 and "bitnet, F16" in text

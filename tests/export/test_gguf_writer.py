@@ -242,16 +242,16 @@ def test_the_read_back_checks_every_tensors_type(tmp_path, student, tokenizer, m
 
 
 def test_decode_speed_is_timed_from_the_first_token():
-    import time
-
     from wftool.export.validate import decode_rate
 
+    now = [0.0]
+
     def tokens():  # 0.5 s of prompt processing, then a token every 10 ms
-        time.sleep(0.5)
+        now[0] += 0.5
         for i in range(100):
             yield i
-            time.sleep(0.01)
+            now[0] += 0.01
 
-    rate = decode_rate(tokens(), 11)  # 10 intervals of ~10 ms after the first token
-    assert 40 < rate < 110  # counting the prompt too would give 11 / 0.6 s = 18
+    rate = decode_rate(tokens(), 11, clock=lambda: now[0])
+    assert rate == pytest.approx(100.0)  # 10 tokens in 0.1 s; with the prompt: 11 / 0.6 s
     assert np.isnan(decode_rate(iter([1]), 5))

@@ -4,6 +4,7 @@ checked by reading it back (and running it in llama.cpp) before it replaces the 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from wftool.export.validate import (
     check_gguf_tensors,
     compare_with_llamacpp,
 )
-from wftool.model.checkpoint import load_model_dir
+from wftool.model.checkpoint import load_model_dir, model_directory
 from wftool.model.families import family_by_name
 from wftool.recipe.schema import Recipe
 from wftool.runtime.llamacpp import llamacpp_available
@@ -34,7 +35,7 @@ from wftool.train.stages import final_dir
 
 # Newest first: the stage whose output a recipe export takes.
 EXPORT_SOURCE_STAGES = ("distill", "pretrain", "layerwise", "convert")
-DEFAULT_DIRECTORY_TYPE = "tq2_0"  # a model directory has no recipe to name a type
+DEFAULT_DIRECTORY_TYPE = "tq2_0"  # a model directory without a saved recipe naming a type
 
 
 @dataclass
@@ -103,16 +104,20 @@ def resolve_export(source: str, overrides: list[str] | None = None,
                    export_type: str | None = None, output: Path | None = None,
                    validate: bool | None = None) -> ExportRequest:
     """A recipe exports its newest stage output as its `export` section says; a model
-    directory (overrides refused) exports as tq2_0 beside itself, named after the recipe
-    saved with it. Explicit arguments win over both."""
-    path = Path(source)
+    directory (or a stage folder holding `final/`; overrides refused) exports beside itself
+    as the recipe saved with it says (name, export.type; else tq2_0). Explicit arguments win
+    over both."""
     export_type = export_type.lower() if export_type else None
-    if (path / "config.json").exists():
+    path = model_directory(source)
+    if path is not None:
         if overrides:
             raise WftError("overrides apply to recipes, not to a model directory",
                            "pass options instead, e.g. --type f16 (or export a recipe)")
-        name = _model_name(path)
-        export_type = export_type or DEFAULT_DIRECTORY_TYPE
+        saved = _saved_recipe(path)
+        name = _model_name(path, saved)
+        saved_type = (saved.get("export") or {}).get("type")
+        export_type = export_type or (saved_type if saved_type in EXPORT_TYPES
+                                      else DEFAULT_DIRECTORY_TYPE)
         return ExportRequest(path, export_type,
                              Path(output) if output else default_gguf_path(path.parent, name,
                                                                            export_type),
@@ -127,19 +132,26 @@ def resolve_export(source: str, overrides: list[str] | None = None,
                          recipe.name)
 
 
-def _model_name(model_dir: Path) -> str:
-    """The recipe name saved beside a stage's weights; else the directory's name, skipping
-    `final` and stage names (runs/tiny/convert/final -> tiny)."""
+def _saved_recipe(model_dir: Path) -> dict:
+    """The recipe saved beside a stage's weights, as plain YAML ({} if none or unreadable)."""
     saved = model_dir / "recipe.yaml"
-    if saved.is_file():
-        from wftool.recipe.load import read_recipe_yaml
+    if not saved.is_file():
+        return {}
+    from wftool.recipe.load import read_recipe_yaml
 
-        try:
-            name = read_recipe_yaml(saved).get("name")
-        except WftError:
-            name = None
-        if isinstance(name, str) and name:
-            return name
+    try:
+        recipe = read_recipe_yaml(saved)
+    except WftError:
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _model_name(model_dir: Path, saved: dict) -> str:
+    """The saved recipe's name; else the directory's name, skipping `final` and stage names
+    (runs/tiny/convert/final -> tiny)."""
+    name = saved.get("name")
+    if isinstance(name, str) and name:
+        return name
     parts = [p for p in model_dir.resolve().parts[1:]
              if p not in ("final", *EXPORT_SOURCE_STAGES)]
     return parts[-1] if parts else "model"
@@ -194,6 +206,10 @@ def run_export(source: Path, export_type: str, output: Path | None, validate: bo
     if meta is None:
         raise WftError(f"{source} is a full-precision model, not a wft student",
                        "llama.cpp's own convert_hf_to_gguf.py exports full-precision models")
+    if tokenizer is None:
+        raise WftError(f"{source} has no tokenizer files; a GGUF file carries its tokenizer",
+                       "copy the tokenizer files (tokenizer.json, tokenizer_config.json) of "
+                       "the model it was converted from into the directory")
     family = family_by_name(meta.family)
     target, blockers = plan_gguf_export(model, family, meta.sub_norm, meta.quant_mix,
                                         export_type, tokenizer)
@@ -235,8 +251,9 @@ def _refusal(source: Path, target: GgufTarget | None, export_type: str,
              blockers: list[Blocker]) -> WftError:
     """Every blocker with its own fix, in one error."""
     arch = f"`{target.arch}`" if target else "any"
+    runtime = target.runtime if target else "llama.cpp"
     lines = "".join(f"\n  - {b.reason}\n    fix: {b.fix}" for b in blockers)
-    return WftError(f"{source} cannot be written exactly as a llama.cpp {arch} {export_type} "
+    return WftError(f"{source} cannot be written exactly as a {runtime} {arch} {export_type} "
                     f"GGUF:{lines}")
 
 
@@ -280,7 +297,11 @@ def _llamacpp_text(result: ExportResult) -> str:
     stats = result.llamacpp
     if stats is None:
         return "not checked (pip install 'wftool[llamacpp]' to compare logits)"
-    text = (f"logits rel RMS {stats['rel_rms']:.2e}, top-1 {100 * stats['top1']:.1f} %, "
+    rel_rms = "n/a (no prompt compared)" if math.isnan(stats["rel_rms"]) else \
+        f"{stats['rel_rms']:.2e}"
+    top1 = "n/a (no decisive position)" if math.isnan(stats["top1"]) else \
+        f"{100 * stats['top1']:.1f} %"
+    text = (f"logits rel RMS {rel_rms}, top-1 {top1}, "
             f"decode {stats['decode_tok_s']:.1f} tok/s")
     if stats["problems"]:
         return f"[red]FAILED[/]: {escape('; '.join(stats['problems']))} ({text})"

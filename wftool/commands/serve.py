@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from wftool.errors import WftError
+from wftool.model.checkpoint import model_directory
 from wftool.recipe.schema import ServeStage
 
 
@@ -58,6 +59,7 @@ def resolve_target(source: str, overrides: list[str], options: ServeOptions) -> 
     and the export (llamacpp) or newest stage output (torch) it produced."""
     path = Path(source)
     is_recipe_file = path.suffix in (".yaml", ".yml")
+    path = model_directory(path) or path  # a stage folder serves its final/
     if (path.is_file() and not is_recipe_file) or (path / "config.json").exists():
         if overrides:
             raise WftError("overrides apply to recipes, not to a model file or directory")
@@ -75,7 +77,8 @@ def resolve_target(source: str, overrides: list[str], options: ServeOptions) -> 
     if path.suffix in (".gguf",) or path.name == "config.json":
         raise WftError(f"{path} does not exist")
     if path.is_dir():
-        raise WftError(f"{path} has no config.json: not a model directory")
+        raise WftError(f"{path} has no config.json (nor final/config.json): not a model "
+                       "directory")
 
     from wftool.commands.export import export_source, recipe_gguf_path
     from wftool.recipe.load import load_recipe

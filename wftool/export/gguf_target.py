@@ -114,12 +114,12 @@ def _structure_problems(model, family: Family, arch: str) -> list[Blocker]:
     blocker = family.bitnet_gguf_blocker if arch == "bitnet" else family.llama_gguf_blocker
     if blocker:
         problems.append(Blocker(blocker, family.gguf_fix))
-    if arch == "bitnet" and not getattr(config, "tie_word_embeddings", False):
-        problems.append(Blocker(
-            "lm_head is not tied to the embeddings (bitnet has no output tensor)",
-            "convert with convert.sub_norm=none (llama.cpp `llama` has an output tensor) and "
-            f"train again, or {TORCH_FIX}"))
     if arch == "bitnet":
+        if not getattr(config, "tie_word_embeddings", False):
+            problems.append(Blocker(
+                "lm_head is not tied to the embeddings (bitnet has no output tensor)",
+                "convert with convert.sub_norm=none (llama.cpp `llama` has an output tensor) "
+                f"and train again, or {TORCH_FIX}"))
         problems += _sub_norm_eps_problems(model, family, config)
     if getattr(config, "hidden_act", "silu") != "silu":
         problems.append(Blocker(f"activation '{config.hidden_act}' ({arch} hard-codes SiLU)",

@@ -28,33 +28,30 @@ def check_gguf_tensors(path: Path, model, target: GgufTarget,
 
     reader = GGUFReader(str(path))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    problems = [] if arch == target.arch else [f"architecture {arch!r}, expected {target.arch!r}"]
+    problems = _arch_problems(arch, target)
     tensors = {t.name: t for t in reader.tensors}
     for item in written:
         tensor = tensors.get(item.name)
-        if tensor is None:
-            problems.append(f"{item.name}: missing")
-            continue
-        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        if shape != item.shape:
-            problems.append(f"{item.name}: shape {shape}, expected {item.shape}")
-            continue
-        wrong_type = _type_problem(item.name, int(tensor.tensor_type),
-                                   expected_ggml_type(item, target))
-        if wrong_type:
-            problems.append(wrong_type)
+        found = None if tensor is None else (
+            tuple(int(n) for n in reversed(tensor.shape.tolist())), int(tensor.tensor_type))
+        wrong = _structure_problem(item, found, target)
+        if wrong:
+            problems.append(wrong)
             continue
         if item.kind != "ternary":
             continue
+        shape = found[0]
         codes, delta = _expected_codes(model, item)
         values = quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         if target.scale_tensors:
             base = item.name.removesuffix(".weight")
             scale = tensors.get(f"{base}.scale")
+            wrong_scale = scale and _type_problem(scale.name, int(scale.tensor_type),
+                                                  F32_TYPE_ID)
             if scale is None:
                 problems.append(f"{base}.scale: missing")
-            elif _type_problem(scale.name, int(scale.tensor_type), F32_TYPE_ID):
-                problems.append(_type_problem(scale.name, int(scale.tensor_type), F32_TYPE_ID))
+            elif wrong_scale:
+                problems.append(wrong_scale)
             elif np.float32(scale.data[0]) != np.float32(delta):
                 problems.append(f"{base}.scale: {scale.data[0]} != delta {delta}")
         expected = codes.astype(np.float32) * np.float32(
@@ -77,6 +74,21 @@ def expected_ggml_type(item: ExportedTensor, target: GgufTarget) -> int:
         return int(T.BF16 if target.export_type == "bf16" else T.F16)
     return {"tq1_0": int(T.TQ1_0), "tq2_0": int(T.TQ2_0), "f16": int(T.F16),
             "bf16": int(T.BF16), "i2_s": I2_S_TYPE_ID}[target.export_type]
+
+
+def _arch_problems(arch, target: GgufTarget) -> list[str]:
+    return [] if arch == target.arch else [f"architecture {arch!r}, expected {target.arch!r}"]
+
+
+def _structure_problem(item: ExportedTensor, found: tuple[tuple, int] | None,
+                       target: GgufTarget) -> str | None:
+    """Missing, misshapen or mistyped; `found` is the file's (shape, GGML type id)."""
+    if found is None:
+        return f"{item.name}: missing"
+    shape, type_id = found
+    if shape != item.shape:
+        return f"{item.name}: shape {shape}, expected {item.shape}"
+    return _type_problem(item.name, type_id, expected_ggml_type(item, target))
 
 
 def _type_problem(name: str, found: int, expected: int) -> str | None:
@@ -134,20 +146,14 @@ def _check_i2_s(path: Path, model, target: GgufTarget,
                 written: list[ExportedTensor]) -> list[str]:
     """The I2_S read-back, on wft's own GGUF parser (gguf-py does not know type 36)."""
     layout = read_gguf_layout(path)
-    arch = layout.metadata.get("general.architecture")
-    problems = [] if arch == target.arch else [f"architecture {arch!r}, expected {target.arch!r}"]
+    problems = _arch_problems(layout.metadata.get("general.architecture"), target)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for item in written:
         entry = layout.tensor(item.name)
-        if entry is None:
-            problems.append(f"{item.name}: missing")
-            continue
-        if entry.shape != item.shape:
-            problems.append(f"{item.name}: shape {entry.shape}, expected {item.shape}")
-            continue
-        wrong_type = _type_problem(item.name, entry.type_id, expected_ggml_type(item, target))
-        if wrong_type:
-            problems.append(wrong_type)
+        found = None if entry is None else (entry.shape, entry.type_id)
+        wrong = _structure_problem(item, found, target)
+        if wrong:
+            problems.append(wrong)
             continue
         if item.kind != "ternary":
             continue
@@ -175,7 +181,7 @@ VALIDATION_PROMPTS = (
     "The quick brown fox jumps over the lazy dog. It was a bright cold day in April,",
     "<|im_start|>user\nWhat is a ternary weight?<|im_end|>\n<|im_start|>assistant\n",
 )
-# From FORMATS.md: F16 matches to rounding; TQ types differ by llama.cpp's Q8_K activations.
+# F16 matches to rounding; TQ types differ by llama.cpp's Q8_K activations (README, export).
 LOGIT_LIMITS = {"f16": (2e-3, 0.98), "bf16": (1e-2, 0.98), "tq1_0": (5e-2, 0.98),
                 "tq2_0": (5e-2, 0.98)}
 
@@ -215,7 +221,7 @@ def compare_with_llamacpp(path: Path, model, tokenizer, export_type: str, thread
             agree += int((got.argmax(-1) == ref.argmax(-1))[decisive].sum())
             positions += int(decisive.sum())
         rel_rms = (squared_error / squared_ref) ** 0.5 if squared_ref else float("nan")
-        top1 = agree / positions if positions else 1.0
+        top1 = agree / positions if positions else float("nan")  # nothing decisive to judge
         limit, min_top1 = LOGIT_LIMITS[export_type]
         if squared_ref and not rel_rms < limit:
             problems.append(f"logits rel RMS {rel_rms:.2e} >= {limit:.0e}")
@@ -242,18 +248,19 @@ def _tokenization_problems(llm, tokenizer, texts) -> list[str]:
     return problems
 
 
-def decode_rate(tokens, limit: int) -> float:
+def decode_rate(tokens, limit: int, clock=None) -> float:
     """Tokens per second of a token generator, up to `limit` tokens, timed from its first
     token: that one comes after the prompt is processed, which is not decoding."""
     import time
 
+    clock = clock or time.perf_counter
     start, produced = None, 0
     for _ in tokens:
         produced += 1
         if start is None:
-            start = time.perf_counter()
+            start = clock()
         if produced >= limit:
             break
     if produced < 2:
         return float("nan")
-    return (produced - 1) / (time.perf_counter() - start)
+    return (produced - 1) / (clock() - start)

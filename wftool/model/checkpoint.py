@@ -47,6 +47,16 @@ def is_ternary_checkpoint(path: str | Path) -> bool:
         return False
 
 
+def model_directory(path: str | Path) -> Path | None:
+    """The model directory `path` names: itself when it holds config.json, or a stage's
+    `final/` when given the stage folder (runs/<name>/<stage>); None otherwise."""
+    path = Path(path)
+    for candidate in (path, path / "final"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
 def replace_directory(tmp: Path, final: Path) -> None:
     """Move a finished temporary directory to ``final``, replacing any old one."""
     old = None

@@ -38,19 +38,15 @@ def import_llama(purpose: str = "running a GGUF file", alternative: str | None =
 
 def gguf_context_length(path: str | Path) -> int | None:
     """`<arch>.context_length` from the GGUF header: the context the model was trained with.
-    None if the file does not say or gguf-py cannot read it (e.g. I2_S, type 36): then
-    llama.cpp decides."""
-    from gguf import GGUFReader
+    None if the file does not say or is not a readable GGUF: then llama.cpp decides."""
+    from wftool.export.gguf_layout import read_gguf_layout
 
     try:
-        reader = GGUFReader(str(path))
-        arch = reader.get_field("general.architecture")
-        if arch is None:
-            return None
-        field = reader.get_field(f"{arch.contents()}.context_length")
-        return int(field.contents()) if field is not None else None
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None  # gguf-py's ValueError for type 36, a truncated or foreign file
+        metadata = read_gguf_layout(path).metadata
+    except (OSError, ValueError):
+        return None
+    value = metadata.get(f"{metadata.get('general.architecture')}.context_length")
+    return int(value) if value is not None else None
 
 
 def open_llama(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False):
