@@ -166,8 +166,16 @@ def evaluate(
 ):
     """Loss, perplexity and task accuracy of teachers, ternary students (their quantized
     forward) and GGUF exports (through llama.cpp), on the same held-out tokens."""
-    from wftool.commands.evaluate import EvalOptions, print_eval_table, run_eval
+    from wftool.commands.evaluate import (
+        EvalOptions,
+        check_output,
+        print_eval_table,
+        run_eval,
+        save_report,
+    )
 
+    if output:
+        check_output(output)  # before the work, not after it
     tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
     options = EvalOptions(text=text, task=task, batches=batches, batch_size=batch_size,
                           seq_len=seq_len, lm_eval=tasks, limit=limit, threads=threads,
@@ -175,8 +183,7 @@ def evaluate(
     report = run_eval(sources, options, console)
     print_eval_table(report, console)
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report.to_json())
+        save_report(report, output)
         console.print(f"results saved to {output}")
 
 

@@ -147,6 +147,51 @@ def test_bad_sources_are_named(tmp_path, student_dir):
     _fails(_eval(student_dir, "--device", "gpu0", "--text", csv), "not a torch device")
 
 
+def test_a_bad_device_is_refused_even_for_models_a_recipe_scan_found(tmp_path):
+    """Models found by a recipe scan are skipped with a note when they cannot run; a typo in
+    --device is not theirs, and must not skip them all into an empty table."""
+    recipe, _ = _recipe_run(tmp_path)
+    _fails(_eval(recipe, "--device", "cdua"), "--device cdua: not a torch device")
+
+
+def test_nothing_evaluated_is_an_error_not_an_empty_table(tmp_path):
+    recipe = small_recipe(tmp_path)
+    broken = tmp_path / "runs" / "small" / "convert" / "final"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")  # found by the scan, cannot be loaded
+    _fails(_eval(recipe), "no model could be evaluated", "student after convert: skipped",
+           "cannot load")
+
+
+def test_an_unwritable_output_is_refused_before_any_model_runs(tmp_path, student_dir,
+                                                               text_file, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("run_eval ran although --output cannot be written")
+
+    monkeypatch.setattr("wftool.commands.evaluate.run_eval", no_work)
+    _fails(_eval(student_dir, "--text", text_file, "--output", tmp_path),
+           f"--output {tmp_path} is a directory", "eval.json")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    _fails(_eval(student_dir, "--text", text_file, "--output", a_file / "sub" / "r.json"),
+           f"{a_file} is a file")
+
+
+def test_a_failed_write_names_the_output_file(tmp_path, student_dir, text_file, monkeypatch):
+    """The output was writable when checked, and is not by the end of the run."""
+    from wftool.commands.evaluate import EvalReport
+
+    out = tmp_path / "r.json"
+
+    def run_eval(*args, **kwargs):
+        out.mkdir()  # something else took the name meanwhile
+        return EvalReport([], [], [])
+
+    monkeypatch.setattr("wftool.commands.evaluate.run_eval", run_eval)
+    _fails(_eval(student_dir, "--text", text_file, "--output", out), f"cannot write {out}",
+           "pass another --output")
+
+
 def test_missing_optional_packages_say_how_to_install(tmp_path, student_dir, text_file,
                                                       monkeypatch):
     gguf = tmp_path / "model.gguf"

@@ -1,10 +1,13 @@
 """`wft eval` numbers equal a direct computation: plain cross-entropy on each document and
 example run alone through the model (no packing, no padding)."""
 
+import sys
+
+import torch
 from rich.console import Console
 
-from tests.eval.conftest import assert_matches, expected_numbers, make_student
-from wftool.commands.evaluate import EvalOptions, run_eval
+from tests.eval.conftest import assert_matches, expected_numbers, make_student, require_lm_eval
+from wftool.commands.evaluate import EvalOptions, lm_eval_available, run_eval
 from wftool.model.checkpoint import load_model_dir
 from wftool.model.surgery import set_quant_mix
 
@@ -23,7 +26,8 @@ def test_student_and_teacher_numbers_equal_a_direct_computation(
         assert_matches(row, expected)
     # Non-trivial data: several packed rows, a partial last row, some answers right.
     assert expected["text_tokens"] > 3 * 48
-    assert 0 < expected["task_accuracy"] < 1
+    task = expected["task"]  # some answers surely right, some surely wrong
+    assert 0 < task.sure_right < task.judged - task.close
     assert [s["tokens"] for s in report.sets] == [expected["text_tokens"],
                                                  expected["task_tokens"]]
 
@@ -55,26 +59,86 @@ def test_batches_option_bounds_the_work(student_dir, text_file, task_file):
     assert row["text_tokens"] == text["tokens"]
 
 
+def _recipe_with(tmp_path, student_dir, **sections):
+    """A recipe whose only run output is a converted student (`student_dir`)."""
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe = tmp_path / "named.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "named", "output_dir": str(tmp_path / "runs"),
+                                      **sections}))
+    converted = tmp_path / "runs" / "named" / "convert" / "final"
+    converted.parent.mkdir(parents=True)
+    converted.symlink_to(student_dir)  # stands in for `wft convert`'s output
+    return str(recipe)
+
+
 def test_recipe_original_model_is_loaded_from_the_recipe_model_section(
         teacher_dir, student_dir, tmp_path, text_file):
     """The model a recipe names is loaded as training loads it: the recipe's dtype (and
     revision and tokenizer) apply, not whatever the directory holds."""
-    import yaml
-
     from wftool.eval.targets import recipe_targets
     from wftool.recipe.load import load_recipe
 
-    recipe = tmp_path / "named.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "named", "output_dir": str(tmp_path / "runs"),
-        "model": {"name_or_path": str(teacher_dir), "dtype": "bfloat16"}}))
-    converted = tmp_path / "runs" / "named" / "convert" / "final"
-    converted.parent.mkdir(parents=True)
-    converted.symlink_to(student_dir)  # stands in for `wft convert`'s output
-    original = recipe_targets(load_recipe(str(recipe)))[0]
+    recipe = _recipe_with(tmp_path, student_dir,
+                          model={"name_or_path": str(teacher_dir), "dtype": "bfloat16"})
+    original = recipe_targets(load_recipe(recipe))[0]
     assert original.label == "original model (FP)"
-    assert original.spec == load_recipe(str(recipe)).model
+    assert original.spec == load_recipe(recipe).model
     options = EvalOptions(text=text_file, seq_len=48, batch_size=3)
-    named, student = run_eval([str(recipe)], options, quiet).models
+    named, student = run_eval([recipe], options, quiet).models
     assert (named["model"], named["weights"]) == ("original model (FP)", "FP (bfloat16)")
     assert student["weights"] == "ternary"
+
+
+def test_recipe_teacher_directory_is_loaded_in_the_teacher_dtype(
+        teacher_dir, student_dir, tmp_path, text_file):
+    """`teacher.dtype` applies to a teacher directory as in distill (`load_teacher`), and a
+    ternary directory is no teacher there either."""
+    recipe = _recipe_with(tmp_path, student_dir, model={"name_or_path": str(teacher_dir)},
+                          teacher={"name_or_path": str(teacher_dir), "dtype": "bfloat16"})
+    options = EvalOptions(text=text_file, seq_len=48, batch_size=3)
+    teacher, _ = run_eval([recipe], options, quiet).models
+    assert (teacher["model"], teacher["weights"]) == ("teacher", "FP (bfloat16)")
+    ternary = _recipe_with(tmp_path / "t", student_dir, model={"name_or_path": str(teacher_dir)},
+                           teacher={"name_or_path": str(student_dir)})
+    report = run_eval([ternary], options, quiet)
+    assert [row["model"] for row in report.models] == ["student after convert"]
+    assert "teacher: skipped" in report.notes[0] and "full precision" in report.notes[0]
+
+
+def test_a_skipped_model_is_not_the_tokenizer_reference(
+        teacher_dir, student_dir, tmp_path, text_file, monkeypatch):
+    """The first model a recipe names runs out of memory and is skipped: the student (another
+    tokenizer) is compared with nobody, and the set is described by the student's tokens."""
+    from wftool.model.checkpoint import save_model_dir
+    from wftool.model.tokenizer import train_synthetic_tokenizer
+    from wftool.train import evaluation
+
+    model, _, _ = load_model_dir(teacher_dir)
+    other = train_synthetic_tokenizer(512, n_documents=300)  # same size, other merges
+    original = save_model_dir(model, other, tmp_path / "other-tokenizer")
+    recipe = _recipe_with(tmp_path, student_dir, model={"name_or_path": str(original)})
+    real = evaluation.evaluate_model
+
+    def out_of_memory_on_the_original(model, *args, **kwargs):
+        if model.config._name_or_path == str(original):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_model", out_of_memory_on_the_original)
+    options = EvalOptions(text=text_file, seq_len=48, batch_size=3)
+    report = run_eval([recipe], options, quiet)
+    (row,) = report.models
+    assert row["model"] == "student after convert"
+    assert report.notes[0].startswith("original model (FP): skipped (original model (FP): out "
+                                      "of memory")
+    assert report.sets[0]["tokens"] == row["text_tokens"]
+
+
+def test_lm_eval_presence_is_checked_without_importing_it(monkeypatch):
+    require_lm_eval()
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert lm_eval_available()
+    assert "lm_eval" not in sys.modules

@@ -60,15 +60,14 @@ def test_gguf_numbers_equal_llamacpp_logits_and_track_the_student(
     assert gguf["backend"] == "llama.cpp" and gguf["weights"] == export_type.upper()
     logits_of = _token_by_token_logits(path)
     nll, tokens = direct_text_nll(logits_of, tokenizer, file_documents(text_file, "text"), 48)
-    task_nll, task_tokens, right, judged = direct_task(logits_of, tokenizer,
-                                                       read_jsonl(task_file))
+    task = direct_task(logits_of, tokenizer, read_jsonl(task_file))
     assert gguf["text_tokens"] == tokens == student["text_tokens"]
     # One token at a time rounds differently from a batched prompt (F16: logits move by up
     # to 3e-4); a context that kept the previous sequence, or logits read one position off,
     # move the mean NLL by tenths of a nat.
     assert gguf["text_loss"] == pytest.approx(nll / tokens, abs=REFERENCE_TOLERANCE)
-    assert gguf["task_loss"] == pytest.approx(task_nll / task_tokens, abs=REFERENCE_TOLERANCE)
-    assert gguf["task_accuracy"] == right / judged
+    assert gguf["task_loss"] == pytest.approx(task.nll / task.tokens, abs=REFERENCE_TOLERANCE)
+    task.assert_accuracy(gguf["task_accuracy"])
     limit = LOSS_TOLERANCE[export_type]
     assert abs(gguf["text_loss"] - student["text_loss"]) < limit
     assert abs(gguf["task_loss"] - student["task_loss"]) < limit

@@ -15,11 +15,15 @@ One definition of every number, whatever runs the model (`wftool.train.evaluatio
 A wft student runs its quantized forward (ternary weights, int8 activations, the
 quantization mix it was saved with); a GGUF file runs in llama.cpp with its own tokenizer,
 whose token ids must equal those of the first model in the table (else it is refused).
+A model a recipe scan found but that cannot run is skipped with a note; if none runs, that
+is an error, never an empty table.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +73,7 @@ class EvalReport:
 # ---- running -----------------------------------------------------------------------------
 def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalReport:
     """Evaluate every source on the same held-out tokens (and lm-eval tasks, if asked)."""
+    device = resolve_device(options.device)  # a bad --device is the user's, whatever skips
     if options.lm_eval and not lm_eval_available():
         raise WftError("--lm-eval needs the lm-eval-harness package (lm_eval), which is not "
                        "installed", "pip install lm-eval")
@@ -80,6 +85,7 @@ def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalRe
             "pass --text FILE and/or --task FILE, or a recipe (or a checkpoint with its "
             "recipe.yaml) whose data holds documents out (data.eval_fraction > 0)")
     _quiet_datasets()
+    # Per set kind: the first model actually evaluated, and the batches every other must equal.
     reference: dict[str, tuple[str, SetBatches]] = {}
     models, notes = [], []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -87,16 +93,21 @@ def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalRe
         for target in targets:
             start = time.perf_counter()
             try:
-                row = _evaluate_target(target, sets, options, reference, progress)
+                row, held = _evaluate_target(target, sets, options, device, reference, progress)
             except WftError as err:
                 if not target.found:
                     raise
                 hint = f"; {err.hint}" if err.hint else ""
                 notes.append(f"{target.label}: skipped ({err.message}{hint})")
                 continue
+            for kind, batches in held.items():  # a skipped model never becomes the reference
+                reference.setdefault(kind, (target.label, batches))
             row["seconds"] = round(time.perf_counter() - start, 2)
             models.append(row)
             console.print(f"[dim]evaluated {target.label} in {row['seconds']:.1f} s[/]")
+    if not models:
+        raise WftError("no model could be evaluated:\n  " + "\n  ".join(notes),
+                       "each line says why; fix that, or name model directories and .gguf files")
     described = []
     for s in sets:
         _, held = reference.get(s.kind, (None, SetBatches([], 0, False)))
@@ -123,11 +134,8 @@ def _quiet_datasets() -> None:
 
 
 def lm_eval_available() -> bool:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether lm-eval-harness is installed, without importing it (that takes seconds)."""
+    return importlib.util.find_spec("lm_eval") is not None
 
 
 def _open(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions, device):
@@ -147,6 +155,11 @@ def _open(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions, devi
 
         model, tokenizer, _ = load_source_model(target.spec)
         model, meta = model.to(device), None
+    elif target.teacher_dtype is not None:  # the recipe's teacher directory, as distill has it
+        from wftool.train.stages import load_teacher
+
+        model, _ = load_teacher(target.location, target.teacher_dtype)
+        model, tokenizer, meta = model.to(device), _directory_tokenizer(target.location), None
     else:
         from wftool.model.checkpoint import load_model_dir
 
@@ -161,12 +174,24 @@ def _open(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions, devi
     return model, tokenizer, f"ternary{mix}"
 
 
+def _directory_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(Path(path).expanduser())
+    except (OSError, ValueError) as err:
+        raise WftError(f"cannot load the tokenizer of {path}: {str(err).splitlines()[0]}",
+                       "copy the tokenizer of the model it came from into the directory"
+                       ) from None
+
+
 def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions,
-                     reference: dict, progress: Progress) -> dict:
-    """One target's row; running out of (GPU) memory is the user's to fix, not a traceback."""
+                     device, reference: dict, progress: Progress) -> tuple[dict, dict]:
+    """(row, held-out batches per set kind) of one target; running out of (GPU) memory is
+    the user's to fix, not a traceback."""
     import torch
 
-    device = resolve_device(options.device) if target.backend == "torch" else None
+    device = device if target.backend == "torch" else None
     try:
         return _evaluate_opened(target, sets, options, reference, progress, device)
     except torch.OutOfMemoryError:
@@ -176,19 +201,21 @@ def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], options: EvalOp
 
 
 def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions,
-                     reference: dict, progress: Progress, device) -> dict:
+                     reference: dict, progress: Progress, device) -> tuple[dict, dict]:
     from wftool.train.evaluation import evaluate_model
 
     model, tokenizer, weights = _open(target, sets, options, device)
     row = {"model": target.label, "path": target.location, "backend": target.backend,
            "weights": weights}
+    scored: dict[str, SetBatches] = {}
     try:
         for s in sets:
-            held = s.batches(tokenizer, options.batch_size, options.batches)
+            held = scored[s.kind] = s.batches(tokenizer, options.batch_size, options.batches)
             batches = held.batches
-            first_label, first = reference.setdefault(s.kind, (target.label, held))
-            if first is not held and not same_tokens(first.batches, batches):
-                raise _tokenizer_mismatch(target, first_label, s)
+            if s.kind in reference:
+                first_label, first = reference[s.kind]
+                if not same_tokens(first.batches, batches):
+                    raise _tokenizer_mismatch(target, first_label, s)
             bar = progress.add_task(f"{target.label}: {s.kind}", total=len(batches))
             numbers = evaluate_model(model, _Tracked(batches, progress, bar), task=s.task,
                                      device=device or "cpu")
@@ -210,7 +237,7 @@ def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], options: EvalOp
     finally:
         if target.backend == "llama.cpp":
             model.close()
-    return row
+    return row, scored
 
 
 def _lm_eval_max_length(model) -> int:
@@ -249,6 +276,32 @@ class _Tracked(list):
 
 
 # ---- output ------------------------------------------------------------------------------
+def check_output(path: Path) -> None:
+    """Refuse an --output that cannot be written before any model runs, not after."""
+    if path.is_dir():
+        raise WftError(f"--output {path} is a directory",
+                       f"name a file, e.g. --output {path / 'eval.json'}")
+    folder = path.parent  # the nearest folder that exists must take a new file (or folder)
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise WftError(f"--output {path}: {folder} is a file, so no folder can be made there",
+                       "pass a path under an existing folder")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise WftError(f"--output {path}: not writable", "pass a path you can write to")
+
+
+def save_report(report: EvalReport, path: Path) -> None:
+    """Write the JSON report; a failure names the file (the table is already printed)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report.to_json())
+    except OSError as err:
+        raise WftError(f"cannot write {path}: {err.strerror or err}",
+                       "pass another --output; the table above holds the same numbers"
+                       ) from None
+
+
 HELD_OUT_COLUMNS = (("text loss", "text_loss"), ("text ppl", "text_ppl"),
                     ("task loss", "task_loss"), ("task acc %", "task_accuracy"))
 

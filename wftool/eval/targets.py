@@ -23,13 +23,15 @@ STUDENT_STAGES = (("convert", "student after convert"), ("layerwise", "student a
 @dataclass
 class EvalTarget:
     """One model to evaluate: a model directory, a .gguf file, or a model a recipe names
-    (then `spec`, loaded as training loads it: revision, tokenizer and dtype included)."""
+    (then `spec`, loaded as training loads it: revision, tokenizer and dtype included; a
+    teacher directory has `teacher_dtype`, the recipe's `teacher.dtype`, as distill loads it)."""
 
     label: str
     location: str
     backend: str  # "torch" or "llama.cpp"
     found: bool = False  # found by a recipe scan: skipped with a note if it cannot run
     spec: ModelSpec | None = None
+    teacher_dtype: str | None = None
 
 
 def resolve_sources(items: list[str]) -> tuple[list[EvalTarget], Recipe | None]:
@@ -96,8 +98,9 @@ def _named_teacher(recipe: Recipe) -> list[EvalTarget]:
     """The teacher the recipe names, else its original model (unless built from a config)."""
     named = recipe.teacher.name_or_path
     if named:
-        if (Path(named).expanduser() / "config.json").exists():  # loaded as training does
-            return [EvalTarget("teacher", named, "torch", True)]
+        if (Path(named).expanduser() / "config.json").exists():  # loaded as distill does
+            return [EvalTarget("teacher", named, "torch", True,
+                               teacher_dtype=recipe.teacher.dtype)]
         spec = ModelSpec(name_or_path=named, dtype=recipe.teacher.dtype)
         return [EvalTarget("teacher", named, "torch", True, spec)]
     if recipe.model.name_or_path:
