@@ -30,19 +30,16 @@ def check_gguf_tensors(path: Path, model, target: GgufTarget,
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     problems = _arch_problems(arch, target)
     tensors = {t.name: t for t in reader.tensors}
-    for item in written:
-        tensor = tensors.get(item.name)
-        found = None if tensor is None else (
+
+    def found(name):
+        tensor = tensors.get(name)
+        return None if tensor is None else (
             tuple(int(n) for n in reversed(tensor.shape.tolist())), int(tensor.tensor_type))
-        wrong = _structure_problem(item, found, target)
-        if wrong:
-            problems.append(wrong)
-            continue
-        if item.kind != "ternary":
-            continue
-        shape = found[0]
+
+    for item in _well_formed_ternary(written, found, target, problems):
+        tensor = tensors[item.name]
         codes, delta = _expected_codes(model, item)
-        values = quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        values = quants.dequantize(tensor.data, tensor.tensor_type).reshape(item.shape)
         if target.scale_tensors:
             base = item.name.removesuffix(".weight")
             scale = tensors.get(f"{base}.scale")
@@ -78,6 +75,19 @@ def expected_ggml_type(item: ExportedTensor, target: GgufTarget) -> int:
 
 def _arch_problems(arch, target: GgufTarget) -> list[str]:
     return [] if arch == target.arch else [f"architecture {arch!r}, expected {target.arch!r}"]
+
+
+def _well_formed_ternary(written: list[ExportedTensor], found, target: GgufTarget,
+                         problems: list[str]):
+    """The ternary tensors present with the right shape and type, for the value checks;
+    `found(name)` gives the file's (shape, GGML type id) or None. Other findings go to
+    `problems`."""
+    for item in written:
+        wrong = _structure_problem(item, found(item.name), target)
+        if wrong:
+            problems.append(wrong)
+        elif item.kind == "ternary":
+            yield item
 
 
 def _structure_problem(item: ExportedTensor, found: tuple[tuple, int] | None,
@@ -148,15 +158,13 @@ def _check_i2_s(path: Path, model, target: GgufTarget,
     layout = read_gguf_layout(path)
     problems = _arch_problems(layout.metadata.get("general.architecture"), target)
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    for item in written:
+
+    def found(name):
+        entry = layout.tensor(name)
+        return None if entry is None else (entry.shape, entry.type_id)
+
+    for item in _well_formed_ternary(written, found, target, problems):
         entry = layout.tensor(item.name)
-        found = None if entry is None else (entry.shape, entry.type_id)
-        wrong = _structure_problem(item, found, target)
-        if wrong:
-            problems.append(wrong)
-            continue
-        if item.kind != "ternary":
-            continue
         n = int(np.prod(item.shape))
         size = n // 4 + 32  # BitNet.cpp's ggml_nbytes for I2_S: codes plus a 32-byte tail
         if layout.data_end(entry) - entry.offset < size:
