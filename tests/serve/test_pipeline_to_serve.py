@@ -32,9 +32,14 @@ def test_pipeline_student_exports_validates_and_serves(tmp_path):
         assert "logits rel RMS" in result.output  # compared with llama.cpp, within limits
         assert (tmp_path / "runs" / "small" / f"small-{export_type}.gguf").is_file()
     with running_server(recipe) as base:  # the recipe's serve section: llamacpp, tq2_0
-        status, body = post(base + "/v1/completions", {"prompt": "kiza pa", "max_tokens": 8})
+        status, body = post(base + "/v1/completions",
+                            {"prompt": "kiza pa", "max_tokens": 8, "temperature": 0})
         assert status == 200, body
-        assert body["model"] == "small" and body["usage"]["completion_tokens"] >= 1
+        usage = body["usage"]
+        assert body["model"] == "small" and usage["prompt_tokens"] > 0
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        # A barely trained model may end at once; either way the answer says why it stopped.
+        assert body["choices"][0]["finish_reason"] in ("stop", "length")
         events = stream(base + "/v1/chat/completions",
                         {"messages": [{"role": "user", "content": "kiza"}], "max_tokens": 8})
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"]
