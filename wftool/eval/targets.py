@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wftool.errors import WftError
+from wftool.model.checkpoint import model_directory
 from wftool.recipe.schema import ModelSpec, Recipe
 
 # What a recipe run leaves, in table order (the labels `wft pipeline` uses).
@@ -76,9 +77,9 @@ def _source_kind(item: str) -> tuple[str, Path]:
             raise WftError(f"{item}: no such GGUF file")
         return "gguf", path
     if path.is_dir():
-        for candidate in (path, path / "final"):
-            if (candidate / "config.json").exists():
-                return "model", candidate
+        model_dir = model_directory(path)
+        if model_dir is not None:
+            return "model", model_dir
         raise WftError(f"{item} is a directory without config.json, not a model directory",
                        "pass a stage's final/ directory, a .gguf file or a recipe")
     if path.is_file() and path.suffix.lower() not in RECIPE_SUFFIXES:
