@@ -98,3 +98,54 @@ def test_float_activations_keep_ternary_weights_only():
         torch.testing.assert_close(layer(x), x @ ternary_weight(linear.weight).T)
     expected = fake_quantize_activations(x) @ ternary_weight(linear.weight).T
     torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_autocast_trains_with_fp32_master_weights(bias, input_dtype):
+    """What every GPU run does: fp32 latent weights, bf16 compute under autocast. Forward
+    and backward run in bf16 like nn.Linear's, gradients come back in each input's dtype,
+    and they are the STE gradients of a bf16 linear on the quantized operands."""
+    linear, layer = _pair(bias=bias)
+    x = torch.randn(3, 7, 48).to(input_dtype).requires_grad_()
+    grad_out = torch.randn(3, 7, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(grad_out)
+    assert layer.weight.dtype == layer.weight.grad.dtype == torch.float32
+    assert x.grad.dtype == input_dtype
+    # Reference in bf16: the same quantized operands through a plain linear.
+    xq = fake_quantize_activations(x.detach()).to(torch.bfloat16).requires_grad_()
+    wq = ternary_weight(linear.weight).to(torch.bfloat16).requires_grad_()
+    b = None if not bias else linear.bias.detach().to(torch.bfloat16).requires_grad_()
+    expected = torch.nn.functional.linear(xq, wq, b)
+    expected.float().backward(grad_out)
+    # Same bf16 operands; only the accumulation order of the matmul may differ.
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad.float(), xq.grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer.weight.grad, wq.grad.float(), rtol=2e-2, atol=5e-2)
+    if bias:
+        assert layer.bias.grad.dtype == torch.float32
+        torch.testing.assert_close(layer.bias.grad, grad_out.sum((0, 1)), rtol=1e-2, atol=1e-2)
+    # And close to the fp32 computation (bf16 keeps ~3 significant digits).
+    fp32 = layer(x.detach().float())
+    rel = (out.float() - fp32).norm() / fp32.norm()
+    assert rel < 2e-2
+
+
+def test_bf16_grad_is_not_lost_on_fp32_master_weights():
+    """A small step on fp32 masters moves (nearly) every weight; on bf16 weights most
+    entries would round back to themselves (the reason masters stay fp32)."""
+    _, layer = _pair()
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=5e-5, weight_decay=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(16, 48))
+    out.float().pow(2).mean().backward()
+    optimizer.step()
+    moved = (layer.weight.detach() != before).float().mean()
+    assert moved > 0.95
+    as_bf16 = before.to(torch.bfloat16)
+    stepped = (as_bf16.float() - 5e-5 * torch.sign(layer.weight.grad)).to(torch.bfloat16)
+    assert (stepped != as_bf16).float().mean() < 0.8  # why bf16 masters stall

@@ -23,26 +23,49 @@ def _effective_weight(weight: torch.Tensor, mix: torch.Tensor | None) -> torch.T
     return torch.lerp(weight.detach(), quantized, mix.to(weight.dtype))
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on (bf16 on GPUs), else the wider input."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
 class _BitLinearFunction(torch.autograd.Function):
+    """Forward in the compute dtype, gradients in each input's own dtype.
+
+    Under autocast the matmuls run in bf16 like nn.Linear's, but casts are explicit (autocast
+    is switched off inside), so backward never mixes a bf16 gradient with an fp32 weight and
+    the latent weight's gradient comes back in fp32, the master weights' dtype.
+    """
+
     @staticmethod
     def forward(ctx, x, weight, bias, mix, quantize_input=True):
-        x_q = fake_quantize_activations(x) if quantize_input else x
-        w_q = _effective_weight(weight, mix)
+        dtype = _compute_dtype(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            x_q = (fake_quantize_activations(x) if quantize_input else x).to(dtype)
+            w_q = _effective_weight(weight, mix).to(dtype)
+            out = F.linear(x_q, w_q, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x_q, weight, mix)
-        ctx.has_bias = bias is not None
-        return F.linear(x_q, w_q, bias)
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x_q, weight, mix = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # Straight-through: d out / d x = W_q, recomputed rather than kept alive.
-            grad_x = grad_out @ _effective_weight(weight, mix)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x_q.reshape(-1, x_q.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+            if ctx.needs_input_grad[0]:
+                # Straight-through: d out / d x = W_q, recomputed rather than kept alive.
+                w_q = _effective_weight(weight, mix).to(grad_out.dtype)
+                grad_x = (grad_out @ w_q).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                flat_x = x_q.reshape(-1, x_q.shape[-1]).to(grad_out.dtype)
+                grad_w = (flat_grad.T @ flat_x).to(weight.dtype)
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_b = flat_grad.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
