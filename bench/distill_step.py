@@ -17,7 +17,7 @@ from _setup import build_model, compare, make_trainer, step_bench_arguments, tok
 from wftool.model.checkpoint import TernaryMetadata
 from wftool.model.families import FAMILIES
 from wftool.recipe.schema import DataSpec, DistillStage
-from wftool.train.stage_objectives import Distillation, LanguageModeling
+from wftool.train.objectives import Distillation, LanguageModeling
 
 
 def main() -> None:

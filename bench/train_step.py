@@ -16,7 +16,7 @@ import torch
 from _setup import build_model, compare, make_trainer, step_bench_arguments, tokenizer
 from wftool.model.checkpoint import TernaryMetadata
 from wftool.recipe.schema import DataSpec
-from wftool.train.stage_objectives import LanguageModeling
+from wftool.train.objectives import LanguageModeling
 
 
 def plain_loop(model, batch: int, seq_len: int, vocab: int):

@@ -107,9 +107,9 @@ def _training_command(stage: str):
     @user_errors
     def command(recipe: RecipeArg, overrides: OverridesArg = None):
         config = _load(recipe, overrides, stage)
-        from wftool.train.stages import STAGE_RUNNERS
+        from wftool.stage_registry import get_stage
 
-        result = STAGE_RUNNERS[stage](config, console)
+        result = get_stage(stage).run_function()(config, console)
         summary = ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items())
         console.print(f"[green]{stage} done[/] after {result.steps} steps: {summary}")
         console.print(f"saved to {result.final_dir}")
@@ -117,24 +117,27 @@ def _training_command(stage: str):
     return command
 
 
-for _name, _help in (
-    ("layerwise", "Stage 1.9: layer-wise hidden-state distillation from the teacher."),
-    ("pretrain", "Stage 2: continued pre-training with ternary weights (STE)."),
-    ("distill", "Stage 3: logits KL + attention relation distillation from a teacher."),
-):
-    _command = _training_command(_name)
-    _command.__doc__ = _help
-    app.command(name=_name)(_command)
+def _register_stage_commands() -> None:
+    from wftool.stage_registry import STUDENT_STAGES
+
+    for stage in STUDENT_STAGES:
+        if stage.trains:
+            command = _training_command(stage.name)
+        elif not stage.available:
+            command = _not_yet(stage.name, stage.summary.split(",")[0])
+            command.cli_name = stage.name
+        else:
+            continue  # convert has its own options
+        command.__doc__ = stage.summary + ("" if stage.available else " (not available yet)")
+        app.command(name=stage.name)(command)
 
 
-for _name, _stage, _help in (
-    ("unified", "unified", "LM loss + masked diffusion-LM loss in one pass, curriculum, MuonClip."),
-    ("launch", "launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal."),
-):
-    _command = _not_yet(_stage, _help.split(":")[0].rstrip("."))
-    _command.cli_name = _name
-    _command.__doc__ = _help
-    app.command(name=_name)(_command)
+_register_stage_commands()
+_launch = _not_yet("launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal")
+_launch.cli_name = "launch"
+_launch.__doc__ = ("Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal "
+                   "(not available yet).")
+app.command(name="launch")(_launch)
 
 
 @app.command("eval")

@@ -36,3 +36,20 @@ def small_recipe(tmp_path, **sections) -> str:
 @pytest.fixture
 def recipe_file(tmp_path):
     return small_recipe(tmp_path)
+
+
+def save_small_model(path, dtype="float32", seed=0):
+    """A full-precision model directory (weights + tokenizer) of the small recipe's shape,
+    saved in `dtype`, as a hub checkpoint would be; returns its path as a string."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from wftool.model.tokenizer import train_synthetic_tokenizer
+
+    values = dict(SMALL_MODEL)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    train_synthetic_tokenizer(values["vocab_size"]).save_pretrained(path)
+    return str(path)

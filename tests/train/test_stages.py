@@ -21,8 +21,11 @@ def _stage_dir(recipe, stage):
     return Path(recipe.stage_dir(stage))
 
 
-def test_stages_find_previous_outputs(recipe_file):
-    recipe = load_recipe(recipe_file)
+def test_stages_find_previous_outputs(recipe_file, tmp_path):
+    from tests.train.conftest import save_small_model
+
+    teacher = save_small_model(tmp_path / "teacher")
+    recipe = load_recipe(recipe_file, [f"teacher.name_or_path={teacher}"])
     with pytest.raises(WftError, match="run `wft convert"):
         find_init(recipe, "layerwise")
     run_convert(recipe)
@@ -59,7 +62,7 @@ def test_checkpoints_are_complete_atomic_and_pruned(recipe_file):
 
 def _trainer(recipe):
     from wftool.model.checkpoint import load_model_dir
-    from wftool.train.stage_objectives import LanguageModeling
+    from wftool.train.objectives import LanguageModeling
     from wftool.train.trainer import StageRun, Trainer
 
     model, tokenizer, meta = load_model_dir(find_init(recipe, "pretrain"))
@@ -104,7 +107,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(recipe_file, capsys):
     for shard in (stage / "step-6" / "state").glob("*.distcp"):
         shard.write_bytes(b"garbage")
     from wftool.model.checkpoint import load_model_dir
-    from wftool.train.stage_objectives import LanguageModeling
+    from wftool.train.objectives import LanguageModeling
     from wftool.train.trainer import StageRun, Trainer
 
     model, tokenizer, meta = load_model_dir(find_init(recipe, "pretrain"))
@@ -191,20 +194,24 @@ def test_sync_to_uploads_finals_and_later_stages_fetch_them(tmp_path):
     assert (find_init(explicit, "pretrain") / "config.json").exists()
 
 
-def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
+def test_wandb_offline_run_is_written_under_the_stage_and_resumed(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from tests.train.conftest import small_recipe
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    (tmp_path / "wandb").mkdir()
-    recipe = load_recipe(small_recipe(tmp_path), ["logging.wandb=true",
-                                                  "pretrain.training.max_steps=2"])
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    path = small_recipe(tmp_path)
+    recipe = load_recipe(path, ["logging.wandb=true", "pretrain.training.max_steps=2"])
     run_convert(recipe)
     run_pretrain(recipe)
-    runs = list((tmp_path / "wandb").rglob("offline-run-*"))
-    assert runs, "no offline W&B run was written"
-    assert runs[0].name.startswith("offline-run-")
+    stage = _stage_dir(recipe, "pretrain")
+    run_id = (stage / "wandb_run_id").read_text().strip()
+    runs = list((stage / "wandb").glob("offline-run-*"))
+    assert [r.name.endswith(run_id) for r in runs] == [True]
+    # Extending the run continues the same W&B run.
+    run_pretrain(load_recipe(path, ["logging.wandb=true", "pretrain.training.max_steps=3"]))
+    runs = list((stage / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
 
 
 def test_teacher_directory_loads_in_the_recipe_teacher_dtype(tmp_path):

@@ -12,7 +12,7 @@ from wftool.errors import WftError
 from wftool.export.gguf_target import plan_gguf_export
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
 from wftool.model.loading import load_source_model
-from wftool.model.surgery import ConversionReport, convert_to_bitnet
+from wftool.model.surgery import ConversionReport, convert_to_bitnet, set_quant_mix
 from wftool.recipe.schema import Recipe
 from wftool.train.remote import stage_url, upload_dir
 
@@ -47,7 +47,10 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
     sub_norm_eps = stage.sub_norm_eps
     if sub_norm_eps is None and report.sub_norms:
         sub_norm_eps = _first_sub_norm_eps(model)
-    meta = TernaryMetadata(family.name, stage.sub_norm, sub_norm_eps)
+    # A recipe with a quantization warm-up starts the student's ramp at the latent weights.
+    start_mix = 0.0 if recipe.quantization.warmup_steps else 1.0
+    set_quant_mix(model, start_mix)
+    meta = TernaryMetadata(family.name, stage.sub_norm, sub_norm_eps, quant_mix=start_mix)
     save_model_dir(model, tokenizer, output, meta)
     if recipe.sync_to:
         upload_dir(output, stage_url(recipe.sync_to, recipe.name, "convert"))

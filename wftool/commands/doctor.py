@@ -40,6 +40,8 @@ def bitnet_checkout() -> Path | None:
 def doctor_rows() -> list[tuple[str, str, str]]:
     import torch
 
+    from wftool.train.precision import resolve_precision
+
     rows = [("python", platform.python_version(), platform.platform())]
     for dist in CORE:
         rows.append((dist, _version(dist) or "missing", "required"))
@@ -51,7 +53,11 @@ def doctor_rows() -> list[tuple[str, str, str]]:
         )
         rows.append(("gpu", f"CUDA {torch.version.cuda}", names))
     else:
-        rows.append(("gpu", "none", "training runs on CPU in fp32"))
+        rows.append(("gpu", "none", "-"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision("auto", device)
+    rows.append(("precision", f"{precision.compute} on {device.type}",
+                 f"training.precision=auto: {precision.describe()}"))
     for module, dist, purpose in OPTIONAL_BACKENDS:
         found = importlib.util.find_spec(module) is not None
         rows.append((dist, (_version(dist) or "installed") if found else "not installed", purpose))

@@ -31,10 +31,10 @@ from wftool.model.checkpoint import load_model_dir, model_directory
 from wftool.model.families import family_by_name
 from wftool.recipe.schema import Recipe
 from wftool.runtime.llamacpp import llamacpp_available
-from wftool.train.stages import final_dir
+from wftool.stage_registry import final_dir, newest_first
 
 # Newest first: the stage whose output a recipe export takes.
-EXPORT_SOURCE_STAGES = ("distill", "pretrain", "layerwise", "convert")
+EXPORT_SOURCE_STAGES = tuple(stage.name for stage in newest_first())
 DEFAULT_DIRECTORY_TYPE = "tq2_0"  # a model directory without a saved recipe naming a type
 
 

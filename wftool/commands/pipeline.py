@@ -14,7 +14,8 @@ from wftool.commands.convert import run_convert
 from wftool.model.checkpoint import load_model_dir
 from wftool.recipe.schema import Recipe
 from wftool.train.evaluation import eval_batches, evaluate_model
-from wftool.train.stages import STAGE_RUNNERS, final_dir, run_pretrain
+from wftool.stage_registry import STUDENT_STAGE_NAMES, final_dir, get_stage
+from wftool.train.stages import run_pretrain
 
 
 @dataclass
@@ -32,11 +33,11 @@ def _with_trained_teacher(recipe: Recipe, console: Console) -> tuple[Recipe, lis
     console.rule("teacher: full-precision pre-training")
     base = run_pretrain(recipe, console, output_dir=root / "teacher-base",
                         stage_label="teacher-base", training=plan.pretrain, data=recipe.data,
-                        quantize=False)
+                        quantize=False, settings="teacher.train.pretrain")
     console.rule("teacher: task fine-tuning (FP16-SFT)")
     sft = run_pretrain(recipe, console, output_dir=root / "teacher-sft",
                        stage_label="teacher-sft", init=base.final_dir, training=plan.finetune,
-                       data=task_data, quantize=False)
+                       data=task_data, quantize=False, settings="teacher.train.finetune")
     model = recipe.model.model_copy(
         update={"name_or_path": str(base.final_dir), "config": None, "tokenizer": None}
     )
@@ -59,7 +60,8 @@ def _baseline(recipe: Recipe, console: Console) -> PipelineRow:
         run_convert(plain, force=True)
     result = run_pretrain(plain, console, output_dir=root / "sft", stage_label="baseline",
                           init=root / "convert", training=recipe.distill.training,
-                          data=recipe.distill.data or recipe.data, quantize=True)
+                          data=recipe.distill.data or recipe.data, quantize=True,
+                          settings="distill")
     return PipelineRow("BitNet-SFT baseline", result.final_dir)
 
 
@@ -69,17 +71,17 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
         recipe, rows = _with_trained_teacher(recipe, console)
     for stage in recipe.stages:
         console.rule(f"student: {stage}")
+        info = get_stage(stage) if stage in STUDENT_STAGE_NAMES else None
         if stage == "convert":
             done = final_dir(recipe, "convert")
             if not (done / "config.json").exists():
                 run_convert(recipe, force=True)
             else:
                 console.print(f"convert: reusing {done}")
-            rows.append(PipelineRow("student after convert", done))
-        elif stage in STAGE_RUNNERS:
-            result = STAGE_RUNNERS[stage](recipe, console)
-            label = "BitDistill student" if stage == "distill" else f"student after {stage}"
-            rows.append(PipelineRow(label, result.final_dir))
+            rows.append(PipelineRow(info.table_label, done))
+        elif info is not None and info.trains:
+            result = info.run_function()(recipe, console)
+            rows.append(PipelineRow(info.table_label, result.final_dir))
         else:
             console.print(f"[yellow]{stage}: not part of `wft pipeline` yet, skipped[/]")
     if recipe.pipeline.baseline and "distill" in recipe.stages:

@@ -89,6 +89,14 @@ def set_quant_mix(model: nn.Module, mix: float) -> None:
             module.set_quant_mix(mix)
 
 
+def current_quant_mix(model: nn.Module) -> float:
+    """The warm-up blend the model's BitLinear layers use (1.0 for a model without any)."""
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            return float(module.quant_mix)
+    return 1.0
+
+
 @contextmanager
 def float_activations(model: nn.Module):
     """Within the block, BitLinear layers keep activations in floating point (ternary

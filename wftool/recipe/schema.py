@@ -11,8 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from wftool.stage_registry import DEFAULT_PIPELINE, SECTION_NAMES, STUDENT_STAGE_NAMES
+
 SCHEMA_VERSION = 1
-STAGES = ("convert", "layerwise", "pretrain", "unified", "distill", "export", "serve", "launch")
+STAGES = SECTION_NAMES  # recipe sections that dotted overrides may resolve in
+PipelineStageName = Literal[STUDENT_STAGE_NAMES + ("export",)]
 
 
 class Section(BaseModel):
@@ -73,7 +76,9 @@ class QuantizationSpec(Section):
     weights: Literal["ternary_absmean"] = "ternary_absmean"
     activations: Literal["int8_absmax_per_token"] = "int8_absmax_per_token"
     warmup_steps: int = Field(
-        0, ge=0, description="Ramp from latent to ternary weights over this many steps (0 = off)."
+        0, ge=0, description="Ramp from latent to ternary weights over this many optimizer "
+        "steps of the student's whole training: convert starts it at 0, each stage continues "
+        "from the mix its input reached (0 = off: ternary from the start)."
     )
 
 
@@ -277,11 +282,9 @@ class Recipe(Section):
     data: DataSpec = Field(default_factory=DataSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
-    stages: list[Literal["convert", "layerwise", "pretrain", "distill", "unified", "export"]] = (
-        Field(
-            default_factory=lambda: ["convert", "layerwise", "pretrain", "distill"],
-            description="Stages `wft pipeline` runs, in order.",
-        )
+    stages: list[PipelineStageName] = Field(
+        default_factory=lambda: list(DEFAULT_PIPELINE),
+        description="Stages `wft pipeline` runs, in order.",
     )
     convert: ConvertStage = Field(default_factory=ConvertStage)
     layerwise: LayerwiseStage = Field(default_factory=LayerwiseStage)

@@ -1,7 +1,8 @@
 """From a recipe to a running stage: find the inputs, build the objective, train.
 
-Each stage finds the previous stage's `final/` by itself (layerwise <- convert,
-pretrain <- layerwise or convert, distill <- pretrain), unless `<stage>.init` says otherwise.
+Each stage finds the previous stage's `final/` by itself (the stage registry says which:
+layerwise <- convert, pretrain <- layerwise or convert, distill <- pretrain), unless
+`<stage>.init` says otherwise.
 """
 
 from __future__ import annotations
@@ -13,21 +14,10 @@ from wftool.model.checkpoint import load_model_dir
 from wftool.model.families import family_for_model_type
 from wftool.model.loading import load_source_model, torch_dtype
 from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, TrainingSpec
+from wftool.stage_registry import final_dir, get_stage
+from wftool.train.objectives import Distillation, LanguageModeling, LayerwiseDistillation
 from wftool.train.remote import fetch_dir, is_remote, stage_url
-from wftool.train.stage_objectives import Distillation, LanguageModeling, LayerwiseDistillation
 from wftool.train.trainer import StageRun, Trainer, TrainResult
-
-PREVIOUS_STAGES = {
-    "layerwise": ("convert",),
-    "pretrain": ("layerwise", "convert"),
-    "distill": ("pretrain", "layerwise", "convert"),
-}
-
-
-def final_dir(recipe: Recipe, stage: str) -> Path:
-    if stage == "convert" and recipe.convert.output:
-        return Path(recipe.convert.output)
-    return Path(recipe.stage_dir(stage)) / "final"
 
 
 def find_init(recipe: Recipe, stage: str) -> Path:
@@ -42,18 +32,19 @@ def find_init(recipe: Recipe, stage: str) -> Path:
         if not (path / "config.json").exists():
             raise WftError(f"{stage}.init: {explicit} is not a model directory (no config.json)")
         return path
-    for previous in PREVIOUS_STAGES[stage]:
+    previous_stages = get_stage(stage).previous
+    for previous in previous_stages:
         candidate = final_dir(recipe, previous)
         if (candidate / "config.json").exists():
             return candidate
     if recipe.sync_to:
-        for previous in PREVIOUS_STAGES[stage]:
+        for previous in previous_stages:
             url = stage_url(recipe.sync_to, recipe.name, previous)
             try:
                 return fetch_dir(url, cache)
             except WftError:
                 continue
-    first = PREVIOUS_STAGES[stage][0]
+    first = previous_stages[0]
     raise WftError(
         f"{stage} starts from the output of {first}, and {final_dir(recipe, first)} does not "
         "exist",
@@ -105,7 +96,7 @@ def _train(run: StageRun, console) -> TrainResult:
 def run_pretrain(recipe: Recipe, console=None, *, output_dir: Path | None = None,
                  stage_label: str = "pretrain", init: Path | None = None,
                  training: TrainingSpec | None = None, data: DataSpec | None = None,
-                 quantize: bool | None = None) -> TrainResult:
+                 quantize: bool | None = None, settings: str = "pretrain") -> TrainResult:
     """Continued pre-training (CE). With quantization off it trains a full-precision model
     from the recipe's `model` (how a teacher is made)."""
     stage = recipe.pretrain
@@ -126,6 +117,7 @@ def run_pretrain(recipe: Recipe, console=None, *, output_dir: Path | None = None
         training=training or stage.training, data=data or stage.data or recipe.data,
         resume=stage.resume, meta=meta,
         warmup_steps=recipe.quantization.warmup_steps if meta is not None else 0,
+        settings=settings,
     )
     return _train(run, console)
 
@@ -151,6 +143,14 @@ def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = No
     stage = recipe.distill
     model, tokenizer, meta = _load_student(find_init(recipe, "distill"))
     source = teacher_source or recipe.teacher.name_or_path
+    if not source and recipe.model.config is not None:
+        raise WftError(
+            "distill: the teacher would be the randomly initialised model built from "
+            "model.config; distilling from it teaches the student nothing",
+            f"set teacher.name_or_path to a trained full-precision model (`wft pipeline "
+            f"{recipe.name}` trains one: teacher.name_or_path="
+            f"{Path(recipe.output_dir) / recipe.name / 'teacher-sft' / 'final'})",
+        )
     teacher, teacher_family = load_teacher(source if source else recipe.model,
                                            recipe.teacher.dtype)
     _check_vocab(model, teacher)
@@ -170,5 +170,3 @@ def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = No
     )
     return _train(run, console)
 
-
-STAGE_RUNNERS = {"pretrain": run_pretrain, "layerwise": run_layerwise, "distill": run_distill}

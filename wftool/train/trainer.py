@@ -1,19 +1,23 @@
 """One training loop for every stage; the stage supplies its objective.
 
-Reads top to bottom like a torchtune recipe: `setup` (device, optimizers, data, resume),
-`train` (accumulate, clip, step, log, evaluate, checkpoint), `save_final`. Nothing assumes a
-single process: data are sharded by rank, state goes through torch.distributed.checkpoint,
-and every rank takes part in every save.
+Reads top to bottom like a torchtune recipe: `setup` (device, precision, optimizers, data,
+resume), `train` (accumulate, clip, step, log, evaluate, checkpoint), `save_final`.
+Nothing assumes a single process: data are sharded by rank, state goes through
+torch.distributed.checkpoint, every rank enters every collective (checkpoint barriers, the
+metrics all-reduce), and only rank 0 writes progress, metrics and W&B.
+
+Mixed precision as the reference trainers do it: the student's latent (master) weights and
+the optimizer state are fp32 whatever the checkpoint's dtype; forward and backward run
+under bf16 autocast on GPUs; a frozen teacher keeps the recipe's `teacher.dtype`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,16 +26,18 @@ import yaml
 from wftool.data.packing import build_stream
 from wftool.errors import WftError
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
-from wftool.model.surgery import set_quant_mix
+from wftool.model.surgery import current_quant_mix
 from wftool.recipe.schema import DataSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.train.checkpointing import CheckpointManager, CorruptCheckpoint
-from wftool.train.metrics import MetricsLog, ProgressDisplay, WandbSink, peak_memory_gb
 from wftool.train.evaluation import eval_batches, evaluate_model
+from wftool.train.hooks import QuantWarmup, StepHook
+from wftool.train.metrics import MetricsLog, ProgressDisplay, WandbSink, peak_memory_gb
+from wftool.train.objectives import Objective
 from wftool.train.optim import build_optimizers, build_schedulers
+from wftool.train.precision import Precision, resolve_precision
 from wftool.train.remote import stage_url, upload_dir
 
-# objective(model, batch, progress in [0, 1]) -> (loss, {part name: value})
-Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
+_SHOWN = ("loss", "lr", "tok/s", "eval_loss", "eval_accuracy", "mem_gb", "quant_mix")
 
 
 @dataclass
@@ -48,8 +54,12 @@ class StageRun:
     data: DataSpec
     resume: ResumeSpec = field(default_factory=ResumeSpec)
     meta: TernaryMetadata | None = None  # None: a full-precision model
-    warmup_steps: int = 0  # quantization warm-up
+    warmup_steps: int = 0  # quantization warm-up (recipe.quantization.warmup_steps)
     extra_modules: list[torch.nn.Module] = field(default_factory=list)  # e.g. the teacher
+    settings: str = ""  # the recipe section holding `training` and `resume` (for messages)
+
+    def __post_init__(self):
+        self.settings = self.settings or self.stage
 
 
 @dataclass
@@ -89,15 +99,19 @@ class Trainer:
     def setup(self) -> None:
         run, spec = self.run, self.spec
         self.device = _device()
+        self.precision: Precision = resolve_precision(spec.precision, self.device)
         torch.manual_seed(spec.seed + self.rank)
-        self.model = run.model.to(self.device)
+        # fp32 masters: AdamW on bf16 weights loses most small updates.
+        self.model = run.model.to(device=self.device, dtype=torch.float32)
         for module in run.extra_modules:
             module.to(self.device)
         self.model.train()
         if spec.activation_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable()
         self.forward_model = torch.compile(self.model) if spec.compile else self.model
-        self.autocast = self._autocast_context()
+        self.hooks: list[StepHook] = list(getattr(run.objective, "hooks", ()))
+        if run.meta is not None:
+            self.hooks.insert(0, QuantWarmup(self.model, run.warmup_steps))
         self.optimizers = build_optimizers(self.model, spec)
         self.schedulers = build_schedulers(self.optimizers, spec)
         self.train_stream = build_stream(run.data, run.tokenizer, "train", self.rank,
@@ -107,22 +121,38 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.last_eval: dict = {}
+        if run.resume.mode == "never":
+            self._set_aside_previous_run()
         resumed = self._resume() if run.resume.mode == "auto" else None
-        self.metrics = MetricsLog(run.output_dir / "metrics.jsonl", resume_step=resumed)
-        self.sinks = [self.metrics]
-        logging = run.recipe.logging
-        if logging.wandb and self.rank == 0:
-            name = logging.run_name or f"{run.recipe.name}-{run.stage}-{time.strftime('%m%d-%H%M')}"
-            self.sinks.append(WandbSink(logging.project, name,
-                                        run.recipe.model_dump(mode="json"), None))
+        self.complete = self._check_progress()
+        self.sinks = []
+        if self.rank == 0 and not self.complete:
+            self.sinks.append(MetricsLog(run.output_dir / "metrics.jsonl", resume_step=resumed))
+            logging = run.recipe.logging
+            if logging.wandb:
+                name = logging.run_name or f"{run.recipe.name}-{run.stage}"
+                self.sinks.append(WandbSink(logging.project, name,
+                                            run.recipe.model_dump(mode="json"), run.output_dir))
+        self._say(self._header())
 
-    def _autocast_context(self):
-        precision = self.spec.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision == "bf16":
-            return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext
+    def _header(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        teacher = {str(p.dtype).removeprefix("torch.") for m in self.run.extra_modules
+                   for p in m.parameters()}
+        return (f"{self.run.stage}: {params:,} trainable parameters on {self.device} "
+                f"x {self.world_size} · {self.precision.describe()}"
+                + (f" · teacher {', '.join(sorted(teacher))}" if teacher else ""))
+
+    def _set_aside_previous_run(self) -> None:
+        """`resume.mode=never`: move an earlier run out of the way (kept, not deleted), so
+        neither this run nor the next plain one mixes with it."""
+        out = self.run.output_dir
+        if self.rank == 0 and out.is_dir() and any(out.iterdir()):
+            aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out, aside)
+            self._say(f"resume.mode=never: moved the previous {self.run.stage} run to {aside}")
+        if dist.is_initialized():
+            dist.barrier()
 
     def _resume(self) -> int | None:
         """Load the newest usable checkpoint; a corrupt one is reported and skipped."""
@@ -140,6 +170,10 @@ class Trainer:
             self.step = state["step"]
             self.tokens_seen = state.get("tokens_seen", 0)
             self.train_stream.load_state_dict(data_state)
+            hook_states = state.get("hooks", {})
+            for hook in self.hooks:
+                if hook.name in hook_states:
+                    hook.load_state_dict(hook_states[hook.name])
             self._say(f"resumed {self.run.stage} from {path} (step {self.step})")
             return self.step
         if candidates:
@@ -147,80 +181,141 @@ class Trainer:
             raise WftError(
                 f"no usable checkpoint in {self.run.output_dir} (all {len(candidates)} are "
                 "corrupt)",
-                f"move that directory away, or set {self.run.stage}.resume.mode=never",
+                f"move that directory away, or set {self.run.settings}.resume.mode=never",
             )
         return None
 
+    def _check_progress(self) -> bool:
+        """True when this run already finished; an error when it went past `max_steps`."""
+        run, steps = self.run, self.spec.max_steps
+        if self.step > steps:
+            raise WftError(
+                f"{run.stage}: the run in {run.output_dir} is already at step {self.step}, "
+                f"past training.max_steps={steps}",
+                f"raise {run.settings}.training.max_steps above {self.step} to train on from "
+                f"step {self.step}, or set {run.settings}.resume.mode=never to start over (the "
+                "old run is moved aside)",
+            )
+        final = run.output_dir / "final"
+        if self.step == steps and (final / "config.json").exists():
+            eval_file = final / "eval.json"
+            self.last_eval = json.loads(eval_file.read_text()) if eval_file.exists() else {}
+            return True
+        return False
+
     # ---- training ------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        spec = self.spec
-        display = ProgressDisplay(f"{self.run.recipe.name}/{self.run.stage}", spec.max_steps,
-                                  self.step, spec.log_every, self.console)
+        run, spec = self.run, self.spec
+        final = run.output_dir / "final"
+        if self.complete:
+            self._say(
+                f"{run.stage} is already complete ({self.step}/{spec.max_steps} steps): "
+                f"{final}. To train longer, raise {run.settings}.training.max_steps (it "
+                f"resumes from step {self.step}); to start over, set "
+                f"{run.settings}.resume.mode=never.")
+            return TrainResult(final, self.step, self.last_eval)
+        display = _NoDisplay() if self.rank else ProgressDisplay(
+            f"{run.recipe.name}/{run.stage}", spec.max_steps, self.step, spec.log_every,
+            self.console)
+        pending: list[dict] = []
+        window_start, window_tokens = time.perf_counter(), 0
         try:
             while self.step < spec.max_steps:
                 record = self.train_step()
                 self.step += 1
                 record["step"] = self.step
-                if self.step % spec.eval_every == 0 or self.step == spec.max_steps:
+                pending.append(record)
+                window_tokens += record.pop("_tokens")
+                last = self.step == spec.max_steps
+                evaluating = self.step % spec.eval_every == 0 or last
+                saving = self.step % spec.save_every == 0 or last
+                if not (self.step % spec.log_every == 0 or evaluating or saving):
+                    continue
+                self._resolve(pending)  # the one host sync of the window
+                elapsed = time.perf_counter() - window_start
+                for entry in pending:
+                    entry["tok/s"] = window_tokens * self.world_size / max(elapsed, 1e-9)
+                if evaluating:
+                    display.set_phase("evaluating")
                     record.update(self.evaluate())
-                for sink in self.sinks:
-                    sink.write(record)
-                display.update(self.step, {
-                    k: record[k] for k in record
-                    if k in ("loss", "lr", "tok/s", "eval_loss", "eval_accuracy", "mem_gb")
-                    or k.startswith("loss_")
-                })
-                if self.step % spec.save_every == 0 or self.step == spec.max_steps:
+                for entry in pending:
+                    for sink in self.sinks:
+                        sink.write(entry)
+                display.set_phase(None)
+                display.update(self.step, {k: v for k, v in record.items()
+                                           if k in _SHOWN or k.startswith("loss_")},
+                               tokens_seen=self.tokens_seen)
+                pending = []
+                if saving:
+                    display.set_phase(f"saving step-{self.step}")
                     self.save_checkpoint()
+                    display.set_phase(None)
+                window_start, window_tokens = time.perf_counter(), 0
+            if not self.last_eval:
+                self.last_eval = self.evaluate()
+            display.set_phase("writing final/")
+            final = self.save_final()
+            display.finish(self.last_eval)
         finally:
             display.close()
             for sink in self.sinks:
                 sink.close()
-        if not self.last_eval:
-            self.last_eval = self.evaluate()
-        return TrainResult(self.save_final(), self.step, self.last_eval)
+        return TrainResult(final, self.step, self.last_eval)
 
     def train_step(self) -> dict:
-        """One optimizer step (gradient accumulation included); returns its metrics."""
+        """One optimizer step (gradient accumulation included). Losses stay on the device
+        as detached tensors; `_resolve` brings a window of steps to the host at once."""
         spec, run = self.spec, self.run
         progress = self.step / max(spec.max_steps - 1, 1)
-        if run.warmup_steps and run.meta is not None:
-            set_quant_mix(self.model, min(1.0, (self.step + 1) / run.warmup_steps))
-        start = time.perf_counter()
-        parts_total: dict[str, float] = {}
-        loss_total = 0.0
+        for hook in self.hooks:
+            hook.before_step(self.step)
+        loss_total = torch.zeros((), device=self.device)
+        parts_total: dict[str, torch.Tensor] = {}
         tokens = 0
         for _ in range(spec.grad_accum):
-            batch = self._to_device(self.train_stream.next_batch(spec.micro_batch_size))
-            mask = batch.get("attention_mask")
+            batch = self.train_stream.next_batch(spec.micro_batch_size)
+            mask = batch.get("attention_mask")  # counted on the host, before the copy
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            with self.autocast():
+            batch = self._to_device(batch)
+            with self.precision.autocast(self.device):
                 loss, parts = run.objective(self.forward_model, batch, progress)
-            if not torch.isfinite(loss):
-                raise WftError(
-                    f"{run.stage}: loss is {loss.item()} at step {self.step + 1}",
-                    "lower training.lr, or enable training.grad_clip",
-                )
             (loss / spec.grad_accum).backward()
-            loss_total += loss.item() / spec.grad_accum
+            loss_total += loss.detach().float() / spec.grad_accum
             for key, value in parts.items():
-                parts_total[key] = parts_total.get(key, 0.0) + value / spec.grad_accum
-        grad_norm = None
+                parts_total[key] = parts_total.get(key, 0.0) + value.float() / spec.grad_accum
+        record: dict = {"loss": loss_total, **{f"loss_{k}": v for k, v in parts_total.items()}}
         if spec.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
-        lr = self.schedulers[0].get_last_lr()[0]
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                 spec.grad_clip)
+        record["lr"] = self.schedulers[0].get_last_lr()[0]
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+        for hook in self.hooks:
+            hook.after_step(self.step)
+            record.update(hook.metrics())
         self.tokens_seen += tokens * self.world_size
-        record = {"loss": loss_total, **{f"loss_{k}": v for k, v in parts_total.items()},
-                  "lr": lr, "tok/s": tokens * self.world_size / elapsed,
-                  "tokens": self.tokens_seen, "mem_gb": peak_memory_gb(self.device)}
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        record.update({"tokens": self.tokens_seen, "_tokens": tokens})
         return record
+
+    def _resolve(self, records: list[dict]) -> None:
+        """Tensors in `records` -> floats with one device-to-host copy (averaged over ranks);
+        a non-finite loss stops the run before anything is saved."""
+        slots = [(r, k) for r in records for k, v in r.items() if torch.is_tensor(v)]
+        if slots:
+            values = torch.stack([r[k].detach().float().reshape(()) for r, k in slots])
+            if dist.is_initialized():
+                dist.all_reduce(values, op=dist.ReduceOp.AVG)
+            for (record, key), value in zip(slots, values.tolist()):
+                record[key] = value
+        for record in records:
+            if not torch.isfinite(torch.tensor(record["loss"])):
+                raise WftError(
+                    f"{self.run.stage}: loss is {record['loss']} at step {record['step']}",
+                    f"lower {self.run.settings}.training.lr, or enable training.grad_clip",
+                )
+        records[-1]["mem_gb"] = peak_memory_gb(self.device)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -228,32 +323,35 @@ class Trainer:
     def evaluate(self) -> dict:
         self.last_eval = evaluate_model(self.model, self.eval_batches,
                                         self.run.data.format == "task", self.device,
-                                        self.autocast)
+                                        lambda: self.precision.autocast(self.device))
         return self.last_eval
 
     # ---- checkpoints ---------------------------------------------------------------------
+    def _recipe_text(self) -> str:
+        return yaml.safe_dump(self.run.recipe.model_dump(mode="json", by_alias=True),
+                              sort_keys=False)
+
     def save_checkpoint(self) -> Path:
-        recipe_text = yaml.safe_dump(self.run.recipe.model_dump(mode="json", by_alias=True),
-                                     sort_keys=False)
+        state = {"tokens_seen": self.tokens_seen, "stage": self.run.stage,
+                 "hooks": {hook.name: hook.state_dict() for hook in self.hooks}}
         return self.checkpoints.save(
-            self.step, self.model, self.optimizers, self.schedulers,
-            {"tokens_seen": self.tokens_seen, "stage": self.run.stage},
+            self.step, self.model, self.optimizers, self.schedulers, state,
             self.train_stream.state_dict(),
-            {"recipe.yaml": recipe_text, "versions.json": json.dumps(_versions(), indent=2)},
+            {"recipe.yaml": self._recipe_text(), "versions.json": json.dumps(_versions(), indent=2)},
         )
 
     def save_final(self) -> Path:
-        """The Hugging Face style `final/` directory the next stage and export read."""
+        """The Hugging Face style `final/` directory the next stage and export read: fp32
+        latent weights (config.json says so) and the warm-up mix reached."""
         final = self.run.output_dir / "final"
         if self.rank == 0:
             meta = self.run.meta
             if meta is not None:
                 meta.stage = self.run.stage
+                meta.quant_mix = current_quant_mix(self.model)
             self.model.eval()
             save_model_dir(self.model, self.run.tokenizer, final, meta)
-            (final / "recipe.yaml").write_text(
-                yaml.safe_dump(self.run.recipe.model_dump(mode="json", by_alias=True),
-                               sort_keys=False))
+            (final / "recipe.yaml").write_text(self._recipe_text())
             (final / "eval.json").write_text(json.dumps(self.last_eval, indent=2))
             if self.run.recipe.sync_to:
                 upload_dir(final, stage_url(self.run.recipe.sync_to, self.run.recipe.name,
@@ -264,4 +362,17 @@ class Trainer:
 
     def _say(self, text: str) -> None:
         if self.console is not None and self.rank == 0:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True)  # piped logs keep one line per message
+
+
+
+class _NoDisplay:
+    """Ranks other than 0 show nothing."""
+
+    def update(self, *args, **kwargs) -> None: ...
+
+    def set_phase(self, text) -> None: ...
+
+    def finish(self, summary) -> None: ...
+
+    def close(self) -> None: ...
