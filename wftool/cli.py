@@ -128,7 +128,8 @@ def _register_stage_commands() -> None:
             command.cli_name = stage.name
         else:
             continue  # convert has its own options
-        command.__doc__ = stage.summary + ("" if stage.available else " (not available yet)")
+        command.__doc__ = (stage.summary if stage.available
+                           else stage.summary.rstrip(".") + " (not available yet).")
         app.command(name=stage.name)(command)
 
 

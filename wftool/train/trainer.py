@@ -31,7 +31,8 @@ from wftool.recipe.schema import DataSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.train.checkpointing import CheckpointManager, CorruptCheckpoint
 from wftool.train.evaluation import eval_batches, evaluate_model
 from wftool.train.hooks import QuantWarmup, StepHook
-from wftool.train.metrics import MetricsLog, ProgressDisplay, WandbSink, peak_memory_gb
+from wftool.train.metrics import MetricsLog, WandbSink, peak_memory_gb
+from wftool.train.progress import ProgressDisplay
 from wftool.train.objectives import Objective
 from wftool.train.optim import build_optimizers, build_schedulers
 from wftool.train.precision import Precision, resolve_precision
@@ -216,7 +217,7 @@ class Trainer:
             return TrainResult(final, self.step, self.last_eval)
         display = _NoDisplay() if self.rank else ProgressDisplay(
             f"{run.recipe.name}/{run.stage}", spec.max_steps, self.step, spec.log_every,
-            self.console)
+            self.console, tokens_seen=self.tokens_seen)
         pending: list[dict] = []
         window_start, window_tokens = time.perf_counter(), 0
         try:
