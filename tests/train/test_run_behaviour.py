@@ -125,3 +125,66 @@ def test_distill_refuses_a_random_weight_teacher(tmp_path):
     assert run_distill(named).steps == 1
     saved = json.loads((Path(recipe.stage_dir("distill")) / "final" / "config.json").read_text())
     assert saved["wft"]["stage"] == "distill"
+
+
+class _NanAtStep:
+    """Language modelling whose loss turns NaN on one optimizer step (1-based)."""
+
+    def __init__(self, bad_step: int):
+        from wftool.train.objectives import LanguageModeling
+
+        self.inner, self.bad_step, self.calls = LanguageModeling(), bad_step, 0
+        self.hooks = [self]
+        self.name = "nan_probe"
+        self.seen = []
+
+    def __call__(self, model, batch, progress):
+        self.calls += 1
+        loss, parts = self.inner(model, batch, progress)
+        return (loss * float("nan") if self.calls == self.bad_step else loss), parts
+
+    # A step hook too: the trainer runs it around every step and checkpoints its state.
+    def before_step(self, step):
+        self.seen.append(("before", step))
+
+    def after_step(self, step):
+        self.seen.append(("after", step))
+
+    def metrics(self):
+        return {"probe_calls": float(self.calls)}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_non_finite_loss_is_caught_before_a_checkpoint_and_hooks_run_each_step(tmp_path):
+    """Losses reach the host once per logging step, but a NaN still stops the run before
+    the next checkpoint is written, naming the step it happened at."""
+    import torch
+
+    from wftool.train.trainer import StageRun, Trainer
+
+    path = small_recipe(tmp_path)
+    recipe = load_recipe(path, ["training.log_every=10", "training.save_every=2"],
+                         stage="pretrain")
+    run_convert(recipe)
+    model, tokenizer, meta = load_model_dir(Path(recipe.stage_dir("convert")) / "final")
+    objective = _NanAtStep(bad_step=4)  # the call below, then steps 1, 2 and 3 of train()
+    stage_dir = Path(recipe.stage_dir("pretrain"))
+    trainer = Trainer(StageRun(recipe=recipe, stage="pretrain", output_dir=stage_dir,
+                               model=model, tokenizer=tokenizer, objective=objective,
+                               training=recipe.pretrain.training, data=recipe.data, meta=meta))
+    trainer.setup()
+    record = trainer.train_step()
+    assert torch.is_tensor(record["loss"]) and record["probe_calls"] == 1.0
+    assert objective.seen == [("before", 0), ("after", 0)]
+    with pytest.raises(WftError, match="loss is nan at step 3"):
+        trainer.train()
+    assert (stage_dir / "step-2" / "COMPLETE").exists()
+    assert not (stage_dir / "step-4").exists() and not (stage_dir / "final").exists()
+    saved = torch.load(stage_dir / "step-2" / "trainer_state.pt", weights_only=False)
+    assert saved["hooks"]["nan_probe"] == {"calls": 3}
+    assert [m["probe_calls"] for m in read_metrics(stage_dir / "metrics.jsonl")] == [2.0, 3.0]

@@ -14,6 +14,7 @@ under bf16 autocast on GPUs; a frozen teacher keeps the recipe's `teacher.dtype`
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -236,16 +237,15 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 for entry in pending:
                     entry["tok/s"] = window_tokens * self.world_size / max(elapsed, 1e-9)
-                if evaluating:
+                display.update(self.step, _shown(record), tokens_seen=self.tokens_seen)
+                if evaluating:  # the bar reads N/N while the last step evaluates and saves
                     display.set_phase("evaluating")
                     record.update(self.evaluate())
+                    display.set_phase(None)
+                    display.update(self.step, _shown(record), tokens_seen=self.tokens_seen)
                 for entry in pending:
                     for sink in self.sinks:
                         sink.write(entry)
-                display.set_phase(None)
-                display.update(self.step, {k: v for k, v in record.items()
-                                           if k in _SHOWN or k.startswith("loss_")},
-                               tokens_seen=self.tokens_seen)
                 pending = []
                 if saving:
                     display.set_phase(f"saving step-{self.step}")
@@ -311,7 +311,7 @@ class Trainer:
             for (record, key), value in zip(slots, values.tolist()):
                 record[key] = value
         for record in records:
-            if not torch.isfinite(torch.tensor(record["loss"])):
+            if not math.isfinite(record["loss"]):
                 raise WftError(
                     f"{self.run.stage}: loss is {record['loss']} at step {record['step']}",
                     f"lower {self.run.settings}.training.lr, or enable training.grad_clip",
@@ -365,6 +365,10 @@ class Trainer:
         if self.console is not None and self.rank == 0:
             self.console.print(text, soft_wrap=True)  # piped logs keep one line per message
 
+
+
+def _shown(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k in _SHOWN or k.startswith("loss_")}
 
 
 class _NoDisplay:
