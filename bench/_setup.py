@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from _device import PRECISION, add_device_arguments, resolve_device, timed
 from wftool.model.families import FAMILIES
 from wftool.model.surgery import convert_to_bitnet
 from wftool.model.tokenizer import train_synthetic_tokenizer
@@ -28,14 +28,27 @@ def step_bench_arguments(doc: str, batch: int, seq_len: int) -> argparse.Argumen
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--hidden", type=int, default=MODEL["hidden_size"],
+                        help="model width, a multiple of 128 (4 layers, FFN 3x, 64-dim heads)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
+    # auto: the device the trainer picks itself (the first GPU if torch sees one)
+    add_device_arguments(parser, default_device="auto")
     return parser
+
+
+def bench_device(args: argparse.Namespace) -> torch.device:
+    """`--device` resolved (and refused if torch cannot use it in `--dtype`)."""
+    return resolve_device(args.device, args.dtype)
 
 
 def build_model(seed: int = 0, ternary: bool = False, hidden: int | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     values = dict(MODEL)
-    if hidden:  # same shape family, wider: FFN 3x, 64-dim heads
+    if hidden:  # same shape family at another width: FFN 3x, 64-dim heads
+        if hidden % 128:
+            raise SystemExit(f"--hidden {hidden}: use a multiple of 128 (64-dim heads, 2 per "
+                             "key-value head)")
         values.update(hidden_size=hidden, intermediate_size=3 * hidden,
                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128)
     config = AutoConfig.for_model(values.pop("model_type"), **values)
@@ -50,34 +63,42 @@ def tokenizer():
     return train_synthetic_tokenizer(MODEL["vocab_size"])
 
 
-def make_trainer(model, tok, objective, data: DataSpec, batch: int, meta=None) -> Trainer:
+def make_trainer(model, tok, objective, data: DataSpec, batch: int, meta=None, *,
+                 device: torch.device, dtype: str, extra_modules=()) -> Trainer:
+    """A set-up `Trainer` on `device`, computing in `dtype` (fp32 masters either way);
+    `extra_modules` (a teacher) go to the device with the model."""
     workdir = Path(tempfile.mkdtemp(prefix="wft-bench-"))
     recipe = Recipe(name="bench", output_dir=str(workdir),
                     model={"config": MODEL, "tokenizer": "synthetic"})
+    # precision is explicit: the default, auto, would be bf16 on a GPU even for --dtype float32
     spec = TrainingSpec(max_steps=10_000, micro_batch_size=batch, lr=1e-4, warmup_steps=0,
-                        log_every=10_000, eval_every=10_000, save_every=10_000)
+                        log_every=10_000, eval_every=10_000, save_every=10_000,
+                        precision=PRECISION[dtype])
     run = StageRun(recipe=recipe, stage="bench", output_dir=workdir, model=model, tokenizer=tok,
-                   objective=objective, training=spec, data=data, meta=meta)
+                   objective=objective, training=spec, data=data, meta=meta,
+                   extra_modules=list(extra_modules))
     trainer = Trainer(run)
     trainer.setup()
+    if trainer.device != device:  # the trainer has no device setting: it takes the first GPU
+        raise SystemExit(
+            f"--device {device}: the trainer runs on {trainer.device} here; choose its device "
+            "with CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES= for cpu) and --device auto")
     return trainer
 
 
-def median_step_seconds(step, n: int) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_step_seconds(step, n: int, device: torch.device) -> float:
+    return statistics.median(timed(device, step) for _ in range(n))
 
 
-def compare(contenders: dict, steps: int, rounds: int) -> dict[str, float]:
-    """Best-of-rounds median step time of each contender, run alternately after a warm-up."""
+def compare(contenders: dict, steps: int, rounds: int, device: torch.device,
+            warmup: int = 2) -> dict[str, float]:
+    """Best-of-rounds median step time of each contender, run alternately after a warm-up.
+    Clock reads wait for the device (train steps return without a host sync)."""
     for step in contenders.values():
-        step()
+        for _ in range(warmup):
+            step()
     seconds = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, step in contenders.items():
-            seconds[name].append(median_step_seconds(step, steps))
+            seconds[name].append(median_step_seconds(step, steps, device))
     return {name: min(values) for name, values in seconds.items()}

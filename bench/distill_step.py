@@ -2,18 +2,18 @@
 
 The student (ternary, 4 layers, hidden 512 unless --hidden) trains on the same packed
 batches with CE only, and with the full BitDistill objective (frozen full-precision teacher
-forward, logits KL, Q/K/V relation loss at one layer). Target: ratio <= 1.5 on CPU. The
-relation term costs batch x 32 heads x seq^2 whatever the width, so it weighs most on
-narrow models.
+forward, logits KL, Q/K/V relation loss at one layer). Target: ratio <= 1.5 on CPU, fp32.
+The relation term costs batch x 32 heads x seq^2 whatever the width, so it weighs most on
+narrow models. `--dtype bfloat16` runs both under bf16 autocast (the trainer's GPU path).
 
     python bench/distill_step.py [--steps 6] [--rounds 3] [--hidden 1024]
 """
 
 from __future__ import annotations
 
-import torch
-
-from _setup import build_model, compare, make_trainer, step_bench_arguments, tokenizer
+from _device import describe
+from _setup import (bench_device, build_model, compare, make_trainer, step_bench_arguments,
+                    tokenizer)
 from wftool.model.checkpoint import TernaryMetadata
 from wftool.model.families import FAMILIES
 from wftool.recipe.schema import DataSpec, DistillStage
@@ -22,8 +22,8 @@ from wftool.train.objectives import Distillation, LanguageModeling
 
 def main() -> None:
     parser = step_bench_arguments(__doc__, batch=16, seq_len=128)
-    parser.add_argument("--hidden", type=int, default=512)
     args = parser.parse_args()
+    device = bench_device(args)
     tok = tokenizer()
     data = DataSpec(seq_len=args.seq_len, eval_fraction=0.0)
     meta = TernaryMetadata("llama", "paper", None)
@@ -34,16 +34,19 @@ def main() -> None:
     def student():
         return build_model(ternary=True, hidden=args.hidden)
 
+    on = dict(device=device, dtype=args.dtype)
     contenders = {
         "student only (CE)": make_trainer(student(), tok, LanguageModeling(), data, args.batch,
-                                          meta).train_step,
+                                          meta, **on).train_step,
+        # the teacher goes to the device with the student, as in the distill stage
         "distill (CE + KL + relations)": make_trainer(student(), tok, distill, data, args.batch,
-                                                      meta).train_step,
+                                                      meta, extra_modules=[teacher],
+                                                      **on).train_step,
     }
-    seconds = compare(contenders, args.steps, args.rounds)
+    seconds = compare(contenders, args.steps, args.rounds, device, args.warmup)
     base = seconds["student only (CE)"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
-          f"batch {args.batch} x {args.seq_len} tokens, hidden {args.hidden}, 4 layers")
+    print(f"{describe(device, args.dtype)}, batch {args.batch} x {args.seq_len} tokens, "
+          f"hidden {args.hidden}, 4 layers")
     for name, best in seconds.items():
         print(f"{name:32} {best:>8.3f} s/step   ratio {best / base:.3f}")
     print("target: distill / student only <= 1.5")
