@@ -1,6 +1,7 @@
 """Stages end to end on a 2-layer model: discovery, resume, reset flags, corrupt checkpoints."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,12 +207,15 @@ def test_wandb_offline_run_is_written_under_the_stage_and_resumed(tmp_path, monk
     run_pretrain(recipe)
     stage = _stage_dir(recipe, "pretrain")
     run_id = (stage / "wandb_run_id").read_text().strip()
+    # wandb names a run's folder offline-run-<time>-<id>, with "-1" when a second start
+    # falls in the same second.
+    of_this_run = re.compile(rf"offline-run-[0-9_]+-{run_id}(-\d+)?")
     runs = list((stage / "wandb").glob("offline-run-*"))
-    assert [r.name.endswith(run_id) for r in runs] == [True]
+    assert len(runs) == 1 and of_this_run.fullmatch(runs[0].name)
     # Extending the run continues the same W&B run.
     run_pretrain(load_recipe(path, ["logging.wandb=true", "pretrain.training.max_steps=3"]))
     runs = list((stage / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert len(runs) == 2 and all(of_this_run.fullmatch(r.name) for r in runs)
 
 
 def test_teacher_directory_loads_in_the_recipe_teacher_dtype(tmp_path):

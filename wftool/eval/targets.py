@@ -12,13 +12,11 @@ from pathlib import Path
 from wftool.errors import WftError
 from wftool.model.checkpoint import model_directory
 from wftool.recipe.schema import ModelSpec, Recipe
+from wftool.stage_registry import STUDENT_STAGES, final_dir
 
-# What a recipe run leaves, in table order (the labels `wft pipeline` uses).
+# What a recipe run leaves besides the student stages, in table order (`wft pipeline`'s labels).
 TEACHER_DIRS = (("teacher-base", "teacher (FP, pre-trained)"),
                 ("teacher-sft", "teacher (FP16-SFT)"))
-STUDENT_STAGES = (("convert", "student after convert"), ("layerwise", "student after layerwise"),
-                  ("pretrain", "student after pretrain"), ("unified", "student after unified"),
-                  ("distill", "BitDistill student"))
 
 
 @dataclass
@@ -113,16 +111,15 @@ def _named_teacher(recipe: Recipe) -> list[EvalTarget]:
 def recipe_targets(recipe: Recipe) -> list[EvalTarget]:
     """Everything a recipe's runs left: teacher, each stage's final/, the BitNet-SFT
     baseline, and GGUF exports under runs/<name>/."""
-    from wftool.train.stages import final_dir
 
     root = Path(recipe.output_dir) / recipe.name
     made = [EvalTarget(label, str(root / name / "final"), "torch", True)
             for name, label in TEACHER_DIRS if (root / name / "final" / "config.json").exists()]
     teacher = [] if made else _named_teacher(recipe)  # none trained by `wft pipeline`
-    for stage, label in STUDENT_STAGES:
-        path = final_dir(recipe, stage)
+    for stage in STUDENT_STAGES:
+        path = final_dir(recipe, stage.name)
         if (path / "config.json").exists():
-            made.append(EvalTarget(label, str(path), "torch", True))
+            made.append(EvalTarget(stage.table_label, str(path), "torch", True))
     baseline = root / "baseline" / "sft" / "final"
     if (baseline / "config.json").exists():
         made.append(EvalTarget("BitNet-SFT baseline", str(baseline), "torch", True))
