@@ -100,3 +100,17 @@ def test_synthetic_stream_is_deterministic_and_has_document_breaks():
     b = build_stream(DataSpec(seq_len=64), tokenizer).next_batch(4)
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert (a["input_ids"] == tokenizer.eos_token_id).any()
+
+
+def test_a_tokenizer_without_eos_is_a_user_error():
+    from wftool.errors import WftError
+
+    class NoEos(CharTokenizer):
+        eos_token_id = None
+        name_or_path = "my-tokenizer"
+
+    spec = DataSpec(seq_len=8, eval_fraction=0.0)
+    mixer = DocumentMixer(spec, readers=[list_reader(["ab"])])
+    for cls in (PackedTextStream, TaskStream):
+        with pytest.raises(WftError, match="tokenizer my-tokenizer has no EOS token"):
+            cls(mixer, NoEos(), 8)

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.conftest import require_llamacpp
-from tests.eval.conftest import assert_matches, expected_numbers, tiny_llama
+from tests.eval.conftest import assert_matches, reference_numbers, require_lm_eval, tiny_llama
 from tests.train.conftest import SMALL_MODEL, small_recipe
 from wftool.cli import app
 from wftool.model.checkpoint import load_model_dir, save_model_dir
@@ -34,8 +34,7 @@ def test_eval_prints_a_table_and_writes_json(student_dir, teacher_dir, text_file
     report = json.loads(out.read_text())
     assert [row["path"] for row in report["models"]] == [str(teacher_dir), str(student_dir)]
     for row in report["models"]:
-        model, tokenizer, _ = load_model_dir(row["path"])
-        assert_matches(row, expected_numbers(model, tokenizer, text_file, task_file, 48))
+        assert_matches(row, reference_numbers(row["path"], text_file, task_file, 48, 3))
     text_set = report["sets"][0]
     assert (text_set["documents"], text_set["complete"]) == (7, True)
     shown = " ".join(result.output.split())  # rich wraps long lines
@@ -218,3 +217,74 @@ def test_a_broken_gguf_is_refused_clearly(tmp_path, text_file):
     gguf = tmp_path / "broken.gguf"
     gguf.write_bytes(b"GGUF" + bytes(64))
     _fails(_eval(gguf, "--text", text_file), "llama.cpp cannot load")
+
+
+def test_an_unavailable_device_is_refused_before_any_model_runs(student_dir, text_file,
+                                                                 monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    _fails(_eval(student_dir, "--text", text_file, "--device", "cuda"),
+           "--device cuda: no CUDA GPU is visible to PyTorch", "available here: cpu",
+           "use --device cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, not four
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _fails(_eval(student_dir, "--text", text_file, "--device", "cuda:3"),
+           "--device cuda:3: PyTorch sees only 1 cuda device", "cpu, cuda:0")
+
+
+def test_lm_eval_tasks_are_checked_before_any_model_runs(student_dir, tmp_path, monkeypatch):
+    """A hub task offline (HF_HUB_OFFLINE=1, tests/conftest.py; empty caches, whatever this
+    machine downloaded before), a misspelt task: one clear line each, and no model run."""
+    import datasets
+    import huggingface_hub
+
+    require_lm_eval()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model ran although the lm-eval tasks cannot")
+
+    monkeypatch.setattr("wftool.commands.evaluate._evaluate_target", no_model)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fails(_eval(student_dir, "--lm-eval", "arc_easy"),
+           "--lm-eval arc_easy: the task's data set must be downloaded from the Hugging Face "
+           "Hub, which cannot be reached (HF_HUB_OFFLINE=1 is set)", "allenai/ai2_arc",
+           "HF_DATASETS_CACHE", "dataset_path is local")
+    _fails(_eval(student_dir, "--lm-eval", "hellaswg"), "--lm-eval hellaswg: lm-eval has no "
+           "such task; did you mean 'hellaswag'", "lm-eval ls tasks")
+
+
+def test_a_local_task_whose_data_is_missing_names_the_task(student_dir, tmp_path):
+    require_lm_eval()
+    task = tmp_path / "gone.yaml"
+    task.write_text(f"""task: wft_gone
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "missing.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+""")
+    _fails(_eval(student_dir, "--lm-eval", task),
+           "--lm-eval wft_gone: cannot load the task's data set", "missing.jsonl",
+           "data_files must exist")
+
+
+def test_a_tokenizer_without_eos_is_refused(student_dir, text_file, tmp_path):
+    """Held-out text is packed with EOS between documents: a tokenizer without one (here the
+    student's, its eos_token removed) is named, with the fix."""
+    import shutil
+
+    copy = tmp_path / "no-eos"
+    shutil.copytree(student_dir, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("eos_token")
+    config.pop("bos_token", None)  # the synthetic tokenizer's BOS is the same token
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    _fails(_eval(copy, "--text", text_file), f"tokenizer {copy} has no EOS token",
+           "set `eos_token` in its tokenizer_config.json")

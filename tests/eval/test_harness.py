@@ -1,6 +1,8 @@
 """lm-eval-harness tasks through wft's LM adapter, against direct computations: a local
 multiple-choice task, rolling log-likelihood over more than one context window, and greedy
-generation with stop strings."""
+generation with stop strings. The adapter only calls the model, so direct computations use
+a full-precision model: a ternary student's int8 activations make lm-eval's padded batches
+round differently from one sequence at a time by more than its near ties (conftest.py)."""
 
 import json
 
@@ -22,6 +24,13 @@ def student(student_dir):
     return model, tokenizer
 
 
+@pytest.fixture(scope="module")
+def teacher(teacher_dir):
+    require_lm_eval()
+    model, tokenizer, _ = load_model_dir(teacher_dir)
+    return model, tokenizer
+
+
 def _continuation_logprob(model, tokenizer, context, continuation):
     """log p(continuation | context), split into tokens as lm-eval splits them."""
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
@@ -39,12 +48,12 @@ def _instances(kind, arguments):
 
 
 def test_local_multiple_choice_task_accuracy_equals_direct_computation(
-        student, student_dir, tmp_path):
+        teacher, teacher_dir, tmp_path):
     from typer.testing import CliRunner
 
     from wftool.cli import app
 
-    model, tokenizer = student
+    model, tokenizer = teacher
     docs, right = [], 0
     for i in range(40):
         question = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(4))
@@ -76,7 +85,7 @@ metric_list:
   - metric: acc
 """)
     out = tmp_path / "results.json"
-    result = CliRunner().invoke(app, ["eval", str(student_dir), "--lm-eval", str(task),
+    result = CliRunner().invoke(app, ["eval", str(teacher_dir), "--lm-eval", str(task),
                                       "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert "wft_mc:acc" in result.output
@@ -86,10 +95,10 @@ metric_list:
     assert 0 < right < len(docs)
 
 
-def test_rolling_loglikelihood_spans_several_windows(student):
+def test_rolling_loglikelihood_spans_several_windows(teacher):
     from wftool.eval.harness import WftLM
 
-    model, tokenizer = student
+    model, tokenizer = teacher
     text = " ".join(WORDS[(7 * i) % len(WORDS)] for i in range(60))
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     window = 16
@@ -130,10 +139,10 @@ def _decisive_greedy(model, tokenizer, steps):
     pytest.fail("no context whose greedy continuation is free of near ties")
 
 
-def test_greedy_generation_stops_at_the_stop_string(student):
+def test_greedy_generation_stops_at_the_stop_string(teacher):
     from wftool.eval.harness import WftLM
 
-    model, tokenizer = student
+    model, tokenizer = teacher
     context, produced = _decisive_greedy(model, tokenizer, 6)
     text = tokenizer.decode(produced)
     stop = text.strip()[-2:]  # a stop string the greedy text reaches
@@ -142,6 +151,8 @@ def test_greedy_generation_stops_at_the_stop_string(student):
         (context, {"until": [], "max_gen_toks": 6}),
         (context, {"until": [stop], "max_gen_toks": 6})]))
     assert free == text
+    # Here the teacher repeats "o" after "kiza pa povo": a stop "oo" that begins in the
+    # context must not end the continuation after one "o".
     assert stopped == text.split(stop)[0] and len(stopped) < len(text)
 
 

@@ -6,6 +6,12 @@ from wftool.model.families import FAMILIES
 from wftool.model.surgery import convert_to_bitnet
 from wftool.model.tokenizer import train_synthetic_tokenizer
 
+# Greedy picks are compared across computations that round differently (a KV cache or not,
+# packed integer or float BitLinear matmuls: logits move by ~1e-6, and int8 activation codes
+# can flip and move them further), so only up to the first step whose top two logits are
+# closer than this.
+DECISIVE = 0.05
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import require_llamacpp
 from tests.serve.client import get, post, running_server, stream
+from tests.serve.conftest import DECISIVE
 from wftool.cli import app
 
 PROMPT = "kiza pa povo vo"
@@ -23,7 +24,7 @@ def _reference_greedy(model, tokenizer, prompt: str, steps: int) -> tuple[str, i
         for _ in range(steps):
             logits = model(torch.tensor([ids + generated])).logits[0, -1]
             top2 = logits.topk(2).values
-            if top2[0] - top2[1] < 0.05:
+            if top2[0] - top2[1] < DECISIVE:
                 break
             token = int(logits.argmax())
             if token == tokenizer.eos_token_id:
@@ -148,6 +149,35 @@ def test_serve_reports_bad_sources_and_taken_ports(tmp_path, qwen3_student):
     assert busy.exit_code == 2 and "cannot listen" in busy.output
     recipe = runner.invoke(app, ["serve", "tiny", f"output_dir={tmp_path}"])
     assert recipe.exit_code == 2 and "wft export-gguf tiny" in " ".join(recipe.output.split())
+
+
+def test_an_unavailable_device_is_refused_before_the_port_is_bound(tmp_path, qwen3_student,
+                                                                   monkeypatch):
+    """--device, or the recipe's serve.device, naming a GPU PyTorch cannot see (as on this
+    CPU machine): exit 2 naming the flag or field, before a port is taken or a model loads."""
+    import torch
+
+    def no_bind(*args):
+        raise AssertionError("the port was bound although the device cannot be used")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr("wftool.commands.serve.bind", no_bind)
+    runner = CliRunner()
+    path, _ = qwen3_student
+    result = runner.invoke(app, ["serve", str(path), "--device", "cuda"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--device cuda: no CUDA GPU is visible to PyTorch" in text
+    assert "available here: cpu" in text and "use --device cpu" in text
+    converted = tmp_path / "tiny" / "convert" / "final"  # what `wft convert tiny` leaves
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    result = runner.invoke(app, ["serve", "tiny", f"output_dir={tmp_path}",
+                                 "serve.backend=torch", "serve.device=cuda:1"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "serve.device cuda:1: no CUDA GPU" in text and "set serve.device=cpu" in text
 
 
 def test_malformed_and_oversized_bodies_get_4xx(torch_server):

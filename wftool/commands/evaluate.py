@@ -85,6 +85,12 @@ def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalRe
             "pass --text FILE and/or --task FILE, or a recipe (or a checkpoint with its "
             "recipe.yaml) whose data holds documents out (data.eval_fraction > 0)")
     _quiet_datasets()
+    tasks = None
+    if options.lm_eval:  # an unknown task or an unreachable data set is no model's fault
+        from wftool.eval.harness import load_tasks
+
+        with console.status("loading lm-eval tasks ..."):
+            tasks = load_tasks(options.lm_eval)
     # Per set kind: the first model actually evaluated, and the batches every other must equal.
     reference: dict[str, tuple[str, SetBatches]] = {}
     models, notes = [], []
@@ -93,7 +99,8 @@ def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalRe
         for target in targets:
             start = time.perf_counter()
             try:
-                row, held = _evaluate_target(target, sets, options, device, reference, progress)
+                row, held = _evaluate_target(target, sets, tasks, options, device, reference,
+                                             progress)
             except WftError as err:
                 if not target.found:
                     raise
@@ -185,7 +192,7 @@ def _directory_tokenizer(path: str):
                        ) from None
 
 
-def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions,
+def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], tasks, options: EvalOptions,
                      device, reference: dict, progress: Progress) -> tuple[dict, dict]:
     """(row, held-out batches per set kind) of one target; running out of (GPU) memory is
     the user's to fix, not a traceback."""
@@ -193,14 +200,14 @@ def _evaluate_target(target: EvalTarget, sets: list[HeldOutSet], options: EvalOp
 
     device = device if target.backend == "torch" else None
     try:
-        return _evaluate_opened(target, sets, options, reference, progress, device)
+        return _evaluate_opened(target, sets, tasks, options, reference, progress, device)
     except torch.OutOfMemoryError:
         raise WftError(
             f"{target.label}: out of memory on {device} (batch size {options.batch_size})",
             "lower --batch-size or --seq-len, or pass --device cpu") from None
 
 
-def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], options: EvalOptions,
+def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], tasks, options: EvalOptions,
                      reference: dict, progress: Progress, device) -> tuple[dict, dict]:
     from wftool.train.evaluation import evaluate_model
 
@@ -226,11 +233,11 @@ def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], options: EvalOp
             if s.task:
                 row["task_accuracy"] = numbers.get("eval_accuracy")
                 row["task_examples"] = judged_examples(batches)
-        if options.lm_eval:
+        if tasks is not None:
             from wftool.eval.harness import run_lm_eval
 
             bar = progress.add_task(f"{target.label}: lm-eval", total=None)
-            row["lm_eval"] = run_lm_eval(model, tokenizer, options.lm_eval, options.limit,
+            row["lm_eval"] = run_lm_eval(model, tokenizer, tasks, options.limit,
                                          options.batch_size, _lm_eval_max_length(model),
                                          device or "cpu")
             progress.remove_task(bar)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.console import Console
 from wftool.errors import WftError
 from wftool.model.checkpoint import model_directory
 from wftool.recipe.schema import ServeStage
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -34,6 +38,7 @@ class ServeTarget:
     path: Path
     settings: ServeStage
     model_id: str
+    device: torch.device | None = None  # where the torch backend runs; None for llamacpp
 
 
 def _model_id(path: Path) -> str:
@@ -73,7 +78,8 @@ def resolve_target(source: str, overrides: list[str], options: ServeOptions) -> 
                            "model directories", "serve GGUF files with --backend llamacpp")
         if path.is_file() and path.suffix != ".gguf":
             raise WftError(f"{path} is not a .gguf file or a model directory")
-        return ServeTarget(path, settings, options.model_name or _model_id(path))
+        return ServeTarget(path, settings, options.model_name or _model_id(path),
+                           _device(settings, options, "--device"))
     if path.suffix in (".gguf",) or path.name == "config.json":
         raise WftError(f"{path} does not exist")
     if path.is_dir():
@@ -92,7 +98,19 @@ def resolve_target(source: str, overrides: list[str], options: ServeOptions) -> 
                            f"run `wft export-gguf {source}` first, or serve the checkpoint "
                            "with --backend torch")
         return ServeTarget(gguf, settings, options.model_name or recipe.name)
-    return ServeTarget(export_source(recipe), settings, options.model_name or recipe.name)
+    return ServeTarget(export_source(recipe), settings, options.model_name or recipe.name,
+                       _device(settings, options, "serve.device"))
+
+
+def _device(settings: ServeStage, options: ServeOptions, default_origin: str):
+    """The torch backend's device, checked before the port is bound and the model loads; an
+    error names --device, or the recipe's `serve.device` when the flag was not given."""
+    if settings.backend != "torch":
+        return None
+    from wftool.model.loading import resolve_device
+
+    origin = "--device" if options.device is not None else default_origin
+    return resolve_device(settings.device, origin)
 
 
 def load_engine(target: ServeTarget):
@@ -102,11 +120,11 @@ def load_engine(target: ServeTarget):
 
         context = settings.max_prompt_tokens + settings.max_tokens
         return LlamaCppEngine(target.path, settings.threads, context)
+    from wftool.model.loading import resolve_device
     from wftool.serve.engine_torch import TorchEngine
 
-    from wftool.model.loading import resolve_device
-
-    return TorchEngine.load(target.path, settings.threads, resolve_device(settings.device))
+    device = target.device if target.device is not None else resolve_device(settings.device)
+    return TorchEngine.load(target.path, settings.threads, device)
 
 
 def bind(host: str, port: int) -> socket.socket:

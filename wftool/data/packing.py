@@ -10,15 +10,30 @@ from __future__ import annotations
 import torch
 
 from wftool.data.sources import DocumentMixer
+from wftool.errors import WftError
 
 IGNORE_INDEX = -100  # labels the loss skips
 _TOKENIZE_CHUNK = 32
 
 
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token, which packing needs between documents")
-    return tokenizer.eos_token_id
+def require_eos(tokenizer, name: str | None = None, vocab_size: int | None = None) -> int:
+    """The tokenizer's EOS id, which packing puts between documents and after every task
+    answer. A tokenizer without one is refused, named (`name`, else its own path), and so is
+    an EOS outside a model's `vocab_size` embeddings (an `eos_token` the vocabulary lacks is
+    added as a new token past its end)."""
+    eos = tokenizer.eos_token_id
+    name = name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    fix = ("set `eos_token` in its tokenizer_config.json to its end-of-text token (e.g. "
+           "\"<|endoftext|>\" or \"</s>\"), or use a tokenizer whose special tokens include one")
+    if eos is None:
+        raise WftError(f"tokenizer {name} has no EOS token (eos_token is None): wft needs one "
+                       "to end every packed document and every task answer", fix)
+    if vocab_size is not None and eos >= vocab_size:
+        raise WftError(f"tokenizer {name}: its EOS token {tokenizer.eos_token!r} has id {eos}, "
+                       f"past the model's {vocab_size} embeddings (the vocabulary lacks it)",
+                       "set `eos_token` in its tokenizer_config.json to an end-of-text token "
+                       "of its vocabulary, or use the tokenizer the model was trained with")
+    return eos
 
 
 class PackedTextStream:
@@ -26,7 +41,7 @@ class PackedTextStream:
 
     def __init__(self, mixer: DocumentMixer, tokenizer, seq_len: int):
         self.mixer, self.tokenizer, self.seq_len = mixer, tokenizer, seq_len
-        self.eos = _eos_id(tokenizer)
+        self.eos = require_eos(tokenizer)
         self.tokens: list[int] = []
         self.positions: list[int] = []
 
@@ -75,7 +90,7 @@ class TaskStream:
 
     def __init__(self, mixer: DocumentMixer, tokenizer, seq_len: int):
         self.mixer, self.tokenizer, self.seq_len = mixer, tokenizer, seq_len
-        self.eos = _eos_id(tokenizer)
+        self.eos = require_eos(tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
     def encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:

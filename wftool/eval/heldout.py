@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from wftool.data.packing import IGNORE_INDEX, TaskStream, collate_examples
+from wftool.data.packing import IGNORE_INDEX, TaskStream, collate_examples, require_eos
 from wftool.data.sources import DocumentMixer, Reader, StreamReader, TableReader, open_reader
 from wftool.errors import WftError
 from wftool.recipe.schema import DataSource, DataSpec, Recipe
@@ -57,9 +57,7 @@ class HeldOutSet:
     def batches(self, tokenizer, batch_size: int, limit: int | None = None) -> SetBatches:
         """The set's batches for `tokenizer`: at most `limit` of them (a recipe's split:
         `data.eval_batches` by default), and never a document twice."""
-        if tokenizer.eos_token_id is None:
-            raise WftError(f"the tokenizer has no EOS token, which the {self.kind} set needs "
-                           "(it closes every document and answer)")
+        eos = require_eos(tokenizer)
         task_stream = TaskStream(None, tokenizer, self.seq_len) if self.task else None
         if self.data is not None:
             count = limit or self.data.eval_batches
@@ -75,7 +73,7 @@ class HeldOutSet:
             held = sum(b["input_ids"].shape[0] for b in kept)
         else:
             encoded = _encode_documents(documents, tokenizer)
-            batches = _packed_batches(encoded, tokenizer.eos_token_id, self.seq_len, batch_size)
+            batches = _packed_batches(encoded, eos, self.seq_len, batch_size)
             kept = batches[:count] if count else batches
             held = _documents_in(encoded, sum(b["input_ids"].numel() for b in kept))
         return SetBatches(kept, held, complete and len(kept) == len(batches))

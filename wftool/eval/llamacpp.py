@@ -81,10 +81,11 @@ class LlamaCppModel(nn.Module):
                 logits[row, start:end] = self._logits(ids[start:end])
         return CausalLMOutput(logits=logits)
 
-    def generate(self, input_ids, max_new_tokens: int, eos_token_id=None, stop_strings=None,
-                 tokenizer=None, **_) -> torch.Tensor:
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id=None,
+                 stopping_criteria=None, **_) -> torch.Tensor:
         """Greedy continuation of one sequence: the argmax of llama.cpp's logits, the pick
-        accuracy judges. Returns prompt + new tokens, as Hugging Face's generate does."""
+        accuracy judges; `stopping_criteria` are called on prompt + new tokens after every
+        token. Returns prompt + new tokens, as Hugging Face's generate does."""
         ids = input_ids[0].tolist()
         self.llm.reset()
         self._eval(ids)
@@ -94,10 +95,8 @@ class LlamaCppModel(nn.Module):
             new.append(token)
             if token == eos_token_id or self.llm.n_tokens >= self.n_ctx:
                 break
-            if stop_strings and tokenizer is not None:
-                text = tokenizer.decode(new)
-                if any(stop in text for stop in stop_strings):
-                    break
+            if stopping_criteria and stopping_criteria(torch.tensor([ids + new]), None).all():
+                break
             self._eval([token])
         return torch.tensor([ids + new])
 

@@ -76,11 +76,73 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def resolve_device(name: str):
-    """A torch device from a command-line name; "auto" = the first GPU if there is one."""
+def resolve_device(name: str, option: str = "--device") -> torch.device:
+    """A torch device from a command-line name; "auto" = the first GPU if there is one.
+
+    A device PyTorch cannot use here (cuda on a CPU build of torch, cuda:3 with one GPU, mps
+    off Apple silicon) is refused now, naming `option` (the flag or recipe field the name
+    came from) and the devices there are, instead of failing at the first tensor copy.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise WftError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise WftError(f"{option} {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    problem = _unavailable(device, option)
+    if problem is not None:
+        why, fix = problem
+        raise WftError(f"{option} {name}: {why}; available here: "
+                       f"{', '.join(available_devices())}", fix)
+    return device
+
+
+def available_devices() -> list[str]:
+    """The devices models can run on here, spelled as --device takes them."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return devices
+
+
+def _unavailable(device: torch.device, option: str) -> tuple[str, str] | None:
+    """(why, fix) when PyTorch cannot run models on `device` here, else None."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_available():
+            return _past_the_last(device, torch.cuda.device_count(), option)
+        if torch.version.cuda is None:
+            return (f"no CUDA GPU is visible to PyTorch (torch {torch.__version__} is a CPU "
+                    "build)", f"{_use(option, 'cpu')}, or install a CUDA build of torch")
+        return (f"no CUDA GPU is visible to PyTorch (torch {torch.__version__}, built for "
+                f"CUDA {torch.version.cuda}, finds no GPU)",
+                f"{_use(option, 'cpu')}, or check nvidia-smi and CUDA_VISIBLE_DEVICES")
+    if device.type == "mps":
+        if torch.backends.mps.is_available():
+            return _past_the_last(device, 1, option)
+        return ("Apple's MPS backend is not available here (it needs macOS on Apple silicon)",
+                _use(option, "cpu"))
+    backend = getattr(torch, device.type, None)  # xpu, and accelerators torch adds later
+    if backend is None or not hasattr(backend, "is_available"):
+        return f"wft does not run models on {device.type}", _use(option, "cpu, cuda or mps")
+    if not backend.is_available():
+        return f"PyTorch finds no {device.type} device", _use(option, "cpu")
+    return _past_the_last(device, backend.device_count(), option)
+
+
+def _past_the_last(device: torch.device, count: int, option: str) -> tuple[str, str] | None:
+    """(why, fix) when the device index is not below the number of such devices."""
+    if device.index is None or device.index < count:
+        return None
+    seen = f"{count} {device.type} device" + ("s" if count != 1 else "")
+    return (f"PyTorch sees only {seen}",
+            f"{_use(option, device.type)} for the first, or an index below {count}")
+
+
+def _use(option: str, value: str) -> str:
+    """The fix, spelled for a flag (`use --device cpu`) or a recipe field (`set ...=cpu`)."""
+    return f"use {option} {value}" if option.startswith("--") else f"set {option}={value}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
+from wftool.data.packing import require_eos
 from wftool.data.synthetic import WordClassTask, SyntheticLanguage
 
 SYNTHETIC = "synthetic"
@@ -59,9 +60,15 @@ def train_synthetic_tokenizer(
 
 
 def load_tokenizer(source: str, vocab_size: int, revision: str | None = None):
-    """``synthetic`` trains one for ``vocab_size``; anything else is a hub id or directory."""
+    """``synthetic`` trains one for ``vocab_size``; anything else is a hub id or directory.
+
+    A tokenizer without an EOS token (or with one past the model's ``vocab_size``) is
+    refused here, before any stage runs: packing ends every document and task answer with EOS.
+    """
     if source == SYNTHETIC:
         return train_synthetic_tokenizer(vocab_size)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    require_eos(tokenizer, source, vocab_size)
+    return tokenizer
