@@ -146,6 +146,22 @@ def test_tok_per_s_is_tokens_over_wall_time_across_the_window():
     assert "tok/s 500" in out.getvalue().splitlines()[-1]
 
 
+def test_time_in_phases_counts_for_the_eta_but_not_for_tok_per_s():
+    console, out = _plain()
+    clock = FakeClock()
+    display = ProgressDisplay(TITLE, 20, 0, 1, console, tokens_seen=0, window=20, clock=clock)
+    for step in range(1, 11):
+        clock.now += 1.0
+        display.update(step, {"loss": 1.0}, tokens_seen=1000 * step)
+        if step == 5:  # a 30 s evaluation after step 5
+            display.set_phase("evaluating")
+            clock.now += 30.0
+            display.set_phase(None)
+    last = out.getvalue().splitlines()[-1]
+    assert "tok/s 1,000" in last, last
+    assert "eta 0:00:40" in last, last  # 10 steps left at (10 + 30) s per 10 steps
+
+
 def test_tok_per_s_without_token_counts_is_a_moving_average():
     clock = FakeClock()
     display = ProgressDisplay(TITLE, 100, 0, 1, _plain()[0], clock=clock)

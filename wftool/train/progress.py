@@ -46,9 +46,13 @@ class ProgressDisplay:
         self._start = start
         self._clock = clock
         self._t0 = clock()
-        # (time, step, cumulative tokens or None) at each step; rates come from the ends.
-        self._samples: deque[tuple[float, int, int | None]] = deque(
-            [(self._t0, start, tokens_seen)], maxlen=max(window, 1) + 1)
+        # (time, step, cumulative tokens or None, seconds spent in phases so far) at each
+        # step; rates come from the ends. Phases (evaluating, saving) count for the ETA but
+        # not for tok/s, which measures training.
+        self._samples: deque[tuple[float, int, int | None, float]] = deque(
+            [(self._t0, start, tokens_seen, 0.0)], maxlen=max(window, 1) + 1)
+        self._phase_seconds = 0.0
+        self._phase_began: float | None = None
         self._first_tokens = (self._t0, tokens_seen) if tokens_seen is not None else None
         self._ema_alpha = 2 / (max(window, 1) + 1)
         self._rate_ema: float | None = None
@@ -78,11 +82,11 @@ class ProgressDisplay:
         stats.pop("tokens", None)
         now = self._clock()
         with self._lock:
-            last_time, last_step, _ = self._samples[-1]
+            last_time, last_step, _, last_paused = self._samples[-1]
             if step != last_step:
-                self._samples.append((now, step, tokens_seen))
+                self._samples.append((now, step, tokens_seen, self._phase_seconds))
             elif tokens_seen is not None:
-                self._samples[-1] = (last_time, step, tokens_seen)
+                self._samples[-1] = (last_time, step, tokens_seen, last_paused)
             if tokens_seen is not None and self._first_tokens is None:
                 self._first_tokens = (self._samples[-1][0], tokens_seen)
             if "tok/s" in stats:
@@ -111,9 +115,15 @@ class ProgressDisplay:
     def set_phase(self, text: str | None) -> None:
         """Show what the run is doing between steps ("evaluating", "saving checkpoint
         step-50"); None returns to training. Piped output gets one line per new phase."""
+        now = self._clock()
         with self._lock:
             changed = text != self._phase
             self._phase = text
+            if text is not None and self._phase_began is None:
+                self._phase_began = now
+            elif text is None and self._phase_began is not None:
+                self._phase_seconds += now - self._phase_began
+                self._phase_began = None
         if self._live is not None:
             if not self._closed:
                 self._live.refresh()
@@ -167,13 +177,13 @@ class ProgressDisplay:
         yield line
 
     def _rate(self) -> float | None:
-        counted = [(t, n) for t, _, n in self._samples if n is not None]
+        counted = [(t - paused, n) for t, _, n, paused in self._samples if n is not None]
         if len(counted) >= 2 and counted[-1][0] > counted[0][0]:
             return (counted[-1][1] - counted[0][1]) / (counted[-1][0] - counted[0][0])
         return self._rate_ema
 
     def _eta(self) -> float | None:
-        (t_first, s_first, _), (t_last, s_last, _) = self._samples[0], self._samples[-1]
+        (t_first, s_first, *_), (t_last, s_last, *_) = self._samples[0], self._samples[-1]
         if s_last <= s_first:
             return None
         return (t_last - t_first) / (s_last - s_first) * max(self.total - s_last, 0)
