@@ -188,3 +188,33 @@ def test_non_finite_loss_is_caught_before_a_checkpoint_and_hooks_run_each_step(t
     saved = torch.load(stage_dir / "step-2" / "trainer_state.pt", weights_only=False)
     assert saved["hooks"]["nan_probe"] == {"calls": 3}
     assert [m["probe_calls"] for m in read_metrics(stage_dir / "metrics.jsonl")] == [2.0, 3.0]
+
+
+def test_pipeline_refuses_a_random_teacher_before_training_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from wftool.cli import app
+
+    path = small_recipe(tmp_path)
+    result = CliRunner().invoke(app, ["pipeline", path])
+    assert result.exit_code == 2 and "randomly initialised" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_teacher_runs_keep_their_own_resume_settings(tmp_path):
+    """`pretrain.resume.mode=never` restarts the student's pretrain, not the teacher's."""
+    from wftool.commands.pipeline import run_pipeline
+
+    short = {"max_steps": 2, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 1,
+             "save_every": 2, "eval_every": 2}
+    path = small_recipe(tmp_path, teacher={"train": {"pretrain": short, "finetune": short}},
+                        stages=["convert", "pretrain"], pipeline={"baseline": False})
+    run_pipeline(load_recipe(path, ["pretrain.training.max_steps=2"]), _console())
+    console = _console()
+    run_pipeline(load_recipe(path, ["pretrain.training.max_steps=2",
+                                    "pretrain.resume.mode=never"]), console)
+    text = console.export_text()
+    runs = tmp_path / "runs" / "small"
+    assert "moved the previous pretrain run" in text
+    assert not list(runs.glob("teacher-*.replaced-*"))
+    assert text.count("already complete") == 2  # teacher-base and teacher-sft

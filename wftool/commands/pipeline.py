@@ -12,10 +12,10 @@ from rich.table import Table
 
 from wftool.commands.convert import run_convert
 from wftool.model.checkpoint import load_model_dir
-from wftool.recipe.schema import Recipe
-from wftool.train.evaluation import eval_batches, evaluate_model
+from wftool.recipe.schema import Recipe, ResumeSpec
 from wftool.stage_registry import STUDENT_STAGE_NAMES, final_dir, get_stage
-from wftool.train.stages import run_pretrain
+from wftool.train.evaluation import eval_batches, evaluate_model
+from wftool.train.stages import refuse_random_teacher, run_pretrain
 
 
 @dataclass
@@ -33,11 +33,13 @@ def _with_trained_teacher(recipe: Recipe, console: Console) -> tuple[Recipe, lis
     console.rule("teacher: full-precision pre-training")
     base = run_pretrain(recipe, console, output_dir=root / "teacher-base",
                         stage_label="teacher-base", training=plan.pretrain, data=recipe.data,
-                        quantize=False, settings="teacher.train.pretrain")
+                        quantize=False, training_key="teacher.train.pretrain",
+                        resume=ResumeSpec(), resume_key=None)
     console.rule("teacher: task fine-tuning (FP16-SFT)")
     sft = run_pretrain(recipe, console, output_dir=root / "teacher-sft",
                        stage_label="teacher-sft", init=base.final_dir, training=plan.finetune,
-                       data=task_data, quantize=False, settings="teacher.train.finetune")
+                       data=task_data, quantize=False, training_key="teacher.train.finetune",
+                       resume=ResumeSpec(), resume_key=None)
     model = recipe.model.model_copy(
         update={"name_or_path": str(base.final_dir), "config": None, "tokenizer": None}
     )
@@ -61,12 +63,16 @@ def _baseline(recipe: Recipe, console: Console) -> PipelineRow:
     result = run_pretrain(plain, console, output_dir=root / "sft", stage_label="baseline",
                           init=root / "convert", training=recipe.distill.training,
                           data=recipe.distill.data or recipe.data, quantize=True,
-                          settings="distill")
+                          training_key="distill.training", resume=ResumeSpec(),
+                          resume_key=None)
     return PipelineRow("BitNet-SFT baseline", result.final_dir)
 
 
 def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
     rows: list[PipelineRow] = []
+    teacher = recipe.teacher
+    if "distill" in recipe.stages and not (teacher.name_or_path or teacher.train):
+        refuse_random_teacher(recipe)  # before hours of earlier stages, not after
     if recipe.teacher.train is not None:
         recipe, rows = _with_trained_teacher(recipe, console)
     for stage in recipe.stages:

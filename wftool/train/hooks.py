@@ -27,6 +27,12 @@ class StepHook(Protocol):
 
     def state_dict(self) -> dict: ...
 
+    def resume_per_stage_ramp(self, step: int) -> None:
+        """A checkpoint written before the mix was saved: its stage ramped from 0."""
+        self.start = 0.0
+        self.mix = self.mix_at(step - 1) if step else 0.0
+        set_quant_mix(self.model, self.mix)
+
     def load_state_dict(self, state: dict) -> None: ...
 
 
@@ -51,8 +57,10 @@ class QuantWarmup:
         return min(1.0, self.start + (step + 1) / self.steps)
 
     def before_step(self, step: int) -> None:
-        self.mix = self.mix_at(step)
-        set_quant_mix(self.model, self.mix)
+        mix = self.mix_at(step)
+        if mix != self.mix:  # past the ramp nothing changes: skip the walk over modules
+            self.mix = mix
+            set_quant_mix(self.model, mix)
 
     def after_step(self, step: int) -> None:
         pass
@@ -63,6 +71,12 @@ class QuantWarmup:
 
     def state_dict(self) -> dict:
         return {"start": self.start, "mix": self.mix}
+
+    def resume_per_stage_ramp(self, step: int) -> None:
+        """A checkpoint written before the mix was saved: its stage ramped from 0."""
+        self.start = 0.0
+        self.mix = self.mix_at(step - 1) if step else 0.0
+        set_quant_mix(self.model, self.mix)
 
     def load_state_dict(self, state: dict) -> None:
         self.start, self.mix = float(state["start"]), float(state["mix"])

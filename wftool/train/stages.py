@@ -13,7 +13,7 @@ from wftool.errors import WftError
 from wftool.model.checkpoint import load_model_dir
 from wftool.model.families import family_for_model_type
 from wftool.model.loading import load_source_model, torch_dtype
-from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, TrainingSpec
+from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.stage_registry import final_dir, get_stage
 from wftool.train.objectives import Distillation, LanguageModeling, LayerwiseDistillation
 from wftool.train.remote import fetch_dir, is_remote, stage_url
@@ -67,9 +67,24 @@ def load_teacher(spec: ModelSpec | str, dtype: str = "auto"):
         else:
             model, _, _ = load_source_model(ModelSpec(name_or_path=spec, dtype=dtype))
     else:
+        if dtype != "auto":
+            spec = spec.model_copy(update={"dtype": dtype})
         model, _, _ = load_source_model(spec)
     model.requires_grad_(False).eval()
     return model, family_for_model_type(model.config.model_type)
+
+
+def refuse_random_teacher(recipe: Recipe) -> None:
+    """`distill` without `teacher.name_or_path` distils from `model`: refused when that is
+    built from a config, i.e. random weights."""
+    if recipe.model.config is not None:
+        raise WftError(
+            "distill: the teacher would be the randomly initialised model built from "
+            "model.config; distilling from it teaches the student nothing",
+            f"set teacher.name_or_path to a trained full-precision model (`wft pipeline "
+            f"{recipe.name}` trains one when teacher.train is set: teacher.name_or_path="
+            f"{Path(recipe.output_dir) / recipe.name / 'teacher-sft' / 'final'})",
+        )
 
 
 def _load_student(path: Path):
@@ -96,7 +111,9 @@ def _train(run: StageRun, console) -> TrainResult:
 def run_pretrain(recipe: Recipe, console=None, *, output_dir: Path | None = None,
                  stage_label: str = "pretrain", init: Path | None = None,
                  training: TrainingSpec | None = None, data: DataSpec | None = None,
-                 quantize: bool | None = None, settings: str = "pretrain") -> TrainResult:
+                 quantize: bool | None = None, training_key: str = "pretrain.training",
+                 resume: ResumeSpec | None = None,
+                 resume_key: str | None = "pretrain.resume") -> TrainResult:
     """Continued pre-training (CE). With quantization off it trains a full-precision model
     from the recipe's `model` (how a teacher is made)."""
     stage = recipe.pretrain
@@ -115,9 +132,9 @@ def run_pretrain(recipe: Recipe, console=None, *, output_dir: Path | None = None
         output_dir=output_dir or Path(recipe.stage_dir("pretrain")),
         model=model, tokenizer=tokenizer, objective=LanguageModeling(),
         training=training or stage.training, data=data or stage.data or recipe.data,
-        resume=stage.resume, meta=meta,
+        resume=resume or stage.resume, meta=meta,
         warmup_steps=recipe.quantization.warmup_steps if meta is not None else 0,
-        settings=settings,
+        training_key=training_key, resume_key=resume_key,
     )
     return _train(run, console)
 
@@ -125,7 +142,7 @@ def run_pretrain(recipe: Recipe, console=None, *, output_dir: Path | None = None
 def run_layerwise(recipe: Recipe, console=None) -> TrainResult:
     stage = recipe.layerwise
     model, tokenizer, meta = _load_student(find_init(recipe, "layerwise"))
-    teacher, _ = load_teacher(recipe.model)
+    teacher, _ = load_teacher(recipe.model, recipe.teacher.dtype)
     _check_vocab(model, teacher)
     if teacher.config.num_hidden_layers != model.config.num_hidden_layers:
         raise WftError("layer-wise distillation needs a teacher with the student's layer count")
@@ -143,14 +160,8 @@ def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = No
     stage = recipe.distill
     model, tokenizer, meta = _load_student(find_init(recipe, "distill"))
     source = teacher_source or recipe.teacher.name_or_path
-    if not source and recipe.model.config is not None:
-        raise WftError(
-            "distill: the teacher would be the randomly initialised model built from "
-            "model.config; distilling from it teaches the student nothing",
-            f"set teacher.name_or_path to a trained full-precision model (`wft pipeline "
-            f"{recipe.name}` trains one: teacher.name_or_path="
-            f"{Path(recipe.output_dir) / recipe.name / 'teacher-sft' / 'final'})",
-        )
+    if not source:
+        refuse_random_teacher(recipe)
     teacher, teacher_family = load_teacher(source if source else recipe.model,
                                            recipe.teacher.dtype)
     _check_vocab(model, teacher)
@@ -166,7 +177,7 @@ def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = No
         recipe=recipe, stage="distill", output_dir=Path(recipe.stage_dir("distill")),
         model=model, tokenizer=tokenizer, objective=objective, training=stage.training,
         data=stage.data or recipe.data, resume=stage.resume, meta=meta,
-        extra_modules=[teacher],
+        warmup_steps=recipe.quantization.warmup_steps, extra_modules=[teacher],
     )
     return _train(run, console)
 

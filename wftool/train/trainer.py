@@ -58,10 +58,20 @@ class StageRun:
     meta: TernaryMetadata | None = None  # None: a full-precision model
     warmup_steps: int = 0  # quantization warm-up (recipe.quantization.warmup_steps)
     extra_modules: list[torch.nn.Module] = field(default_factory=list)  # e.g. the teacher
-    settings: str = ""  # the recipe section holding `training` and `resume` (for messages)
+    # Where the recipe holds this run's `training` and `resume` settings, for messages
+    # (default `<stage>.training`, `<stage>.resume`; None: the run has no resume settings).
+    training_key: str = ""
+    resume_key: str | None = ""
 
     def __post_init__(self):
-        self.settings = self.settings or self.stage
+        self.training_key = self.training_key or f"{self.stage}.training"
+        if self.resume_key == "":
+            self.resume_key = f"{self.stage}.resume"
+
+    def start_over_hint(self) -> str:
+        if self.resume_key is None:
+            return f"move {self.output_dir} away to start over"
+        return f"set {self.resume_key}.mode=never to start over (the old run is moved aside)"
 
 
 @dataclass
@@ -100,6 +110,11 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         run, spec = self.run, self.spec
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            raise WftError(
+                "wft trains each stage in one process today; multi-process training "
+                "(torchrun, FSDP2) is not available yet",
+                "run the stage without torchrun (it uses the first GPU)")
         self.device = _device()
         self.precision: Precision = resolve_precision(spec.precision, self.device)
         torch.manual_seed(spec.seed + self.rank)
@@ -136,6 +151,12 @@ class Trainer:
                 self.sinks.append(WandbSink(logging.project, name,
                                             run.recipe.model_dump(mode="json"), run.output_dir))
         self._say(self._header())
+        warmup = next((h for h in self.hooks if isinstance(h, QuantWarmup)), None)
+        fresh_convert = run.meta is not None and run.meta.stage == "convert"
+        if warmup and warmup.steps and self.step == 0 and warmup.start >= 1.0 and fresh_convert:
+            self._say(f"[yellow]quantization.warmup_steps={warmup.steps}, but the converted "
+                      "input is already fully ternary (converted without a warm-up): no "
+                      "warm-up; run `wft convert --force` again to start the ramp at 0[/]")
 
     def _header(self) -> str:
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -172,9 +193,11 @@ class Trainer:
             self.step = state["step"]
             self.tokens_seen = state.get("tokens_seen", 0)
             self.train_stream.load_state_dict(data_state)
-            hook_states = state.get("hooks", {})
+            hook_states = state.get("hooks")
             for hook in self.hooks:
-                if hook.name in hook_states:
+                if hook_states is None and isinstance(hook, QuantWarmup):
+                    hook.resume_per_stage_ramp(self.step)  # a checkpoint from before hooks
+                elif hook.name in (hook_states or {}):
                     hook.load_state_dict(hook_states[hook.name])
             self._say(f"resumed {self.run.stage} from {path} (step {self.step})")
             return self.step
@@ -183,7 +206,7 @@ class Trainer:
             raise WftError(
                 f"no usable checkpoint in {self.run.output_dir} (all {len(candidates)} are "
                 "corrupt)",
-                f"move that directory away, or set {self.run.settings}.resume.mode=never",
+                self.run.start_over_hint(),
             )
         return None
 
@@ -194,9 +217,8 @@ class Trainer:
             raise WftError(
                 f"{run.stage}: the run in {run.output_dir} is already at step {self.step}, "
                 f"past training.max_steps={steps}",
-                f"raise {run.settings}.training.max_steps above {self.step} to train on from "
-                f"step {self.step}, or set {run.settings}.resume.mode=never to start over (the "
-                "old run is moved aside)",
+                f"raise {run.training_key}.max_steps above {self.step} to train on from step "
+                f"{self.step}, or {run.start_over_hint()}",
             )
         final = run.output_dir / "final"
         if self.step == steps and (final / "config.json").exists():
@@ -212,9 +234,8 @@ class Trainer:
         if self.complete:
             self._say(
                 f"{run.stage} is already complete ({self.step}/{spec.max_steps} steps): "
-                f"{final}. To train longer, raise {run.settings}.training.max_steps (it "
-                f"resumes from step {self.step}); to start over, set "
-                f"{run.settings}.resume.mode=never.")
+                f"{final}. To train longer, raise {run.training_key}.max_steps (it resumes "
+                f"from step {self.step}); or {run.start_over_hint()}.")
             return TrainResult(final, self.step, self.last_eval)
         display = _NoDisplay() if self.rank else ProgressDisplay(
             f"{run.recipe.name}/{run.stage}", spec.max_steps, self.step, spec.log_every,
@@ -314,7 +335,7 @@ class Trainer:
             if not math.isfinite(record["loss"]):
                 raise WftError(
                     f"{self.run.stage}: loss is {record['loss']} at step {record['step']}",
-                    f"lower {self.run.settings}.training.lr, or enable training.grad_clip",
+                    f"lower {self.run.training_key}.lr, or set {self.run.training_key}.grad_clip",
                 )
         records[-1]["mem_gb"] = peak_memory_gb(self.device)
 
@@ -338,7 +359,8 @@ class Trainer:
         return self.checkpoints.save(
             self.step, self.model, self.optimizers, self.schedulers, state,
             self.train_stream.state_dict(),
-            {"recipe.yaml": self._recipe_text(), "versions.json": json.dumps(_versions(), indent=2)},
+            {"recipe.yaml": self._recipe_text(),
+             "versions.json": json.dumps(_versions(), indent=2)},
         )
 
     def save_final(self) -> Path:
@@ -354,11 +376,11 @@ class Trainer:
             save_model_dir(self.model, self.run.tokenizer, final, meta)
             (final / "recipe.yaml").write_text(self._recipe_text())
             (final / "eval.json").write_text(json.dumps(self.last_eval, indent=2))
-            if self.run.recipe.sync_to:
-                upload_dir(final, stage_url(self.run.recipe.sync_to, self.run.recipe.name,
-                                            self.run.stage))
         if dist.is_initialized():
             dist.barrier()
+        if self.rank == 0 and self.run.recipe.sync_to:  # after the barrier: no rank waits on it
+            upload_dir(final, stage_url(self.run.recipe.sync_to, self.run.recipe.name,
+                                        self.run.stage))
         return final
 
     def _say(self, text: str) -> None:
