@@ -218,3 +218,21 @@ def test_pipeline_teacher_runs_keep_their_own_resume_settings(tmp_path):
     assert "moved the previous pretrain run" in text
     assert not list(runs.glob("teacher-*.replaced-*"))
     assert text.count("already complete") == 2  # teacher-base and teacher-sft
+
+
+def test_distill_continues_the_warmup_and_never_twice_in_a_second_keeps_both(
+        tmp_path, monkeypatch):
+    teacher = save_small_model(tmp_path / "teacher")
+    path = small_recipe(tmp_path, quantization={"warmup_steps": 10})
+    overrides = [f"teacher.name_or_path={teacher}", "distill.training.max_steps=2"]
+    recipe = load_recipe(path, overrides)
+    run_convert(recipe)
+    run_distill(recipe)
+    assert _mixes(recipe, "distill") == [0.1, 0.2]
+    import wftool.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.time, "strftime", lambda fmt: "20260101-000000")
+    for _ in range(2):  # both restarts land in the same second
+        run_distill(load_recipe(path, overrides + ["distill.resume.mode=never"]))
+    stage_dir = Path(recipe.stage_dir("distill"))
+    assert len(list(stage_dir.parent.glob("distill.replaced-*"))) == 2

@@ -171,7 +171,12 @@ class Trainer:
         neither this run nor the next plain one mixes with it."""
         out = self.run.output_dir
         if self.rank == 0 and out.is_dir() and any(out.iterdir()):
-            aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = out.with_name(f"{out.name}.replaced-{stamp}")
+            for n in range(2, 1000):  # two restarts within one second
+                if not aside.exists():
+                    break
+                aside = out.with_name(f"{out.name}.replaced-{stamp}-{n}")
             os.replace(out, aside)
             self._say(f"resume.mode=never: moved the previous {self.run.stage} run to {aside}")
         if dist.is_initialized():
