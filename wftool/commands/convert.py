@@ -37,6 +37,9 @@ def default_convert_output(recipe: Recipe) -> Path:
 def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False) -> ConvertResult:
     """Load the recipe's model, convert it and save the student directory."""
     output = Path(output) if output else default_convert_output(recipe)
+    if output.exists() and not output.is_dir():
+        raise WftError(f"output {output} is a file, not a directory",
+                       "pass --output DIR (a new or existing directory)")
     if output.exists() and any(output.iterdir()) and not force:
         raise WftError(
             f"output {output} already exists", "pass --force to replace it, or --output DIR"

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from wftool.atomic import disk_full_error, is_disk_full, write_text_atomic
 from wftool.errors import WftError
 from wftool.eval.heldout import (
     HeldOutSet,
@@ -302,8 +303,11 @@ def save_report(report: EvalReport, path: Path) -> None:
     """Write the JSON report; a failure names the file (the table is already printed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report.to_json())
+        write_text_atomic(path, report.to_json())  # never a half-written report
     except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error("the report", path,
+                                  "the table above holds the same numbers") from None
         raise WftError(f"cannot write {path}: {err.strerror or err}",
                        "pass another --output; the table above holds the same numbers"
                        ) from None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from wftool.atomic import remove_leftovers, temporary_sibling
 from wftool.errors import WftError
 from wftool.export.gguf_target import (
     EXPORT_TYPES,
@@ -215,7 +215,8 @@ def run_export(source: Path, export_type: str, output: Path | None, validate: bo
                                         export_type, tokenizer)
     if blockers:
         raise _refusal(source, target, export_type, blockers)
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_leftovers(output, ("tmp",))  # what a killed export left beside the output
+    tmp = temporary_sibling(output)
     try:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,15 @@ and loads every tensor, giving logits identical to the saved model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from wftool.atomic import disk_full_error, is_disk_full, remove_leftovers, temporary_sibling
 from wftool.errors import WftError
 from wftool.model.families import family_by_name
 from wftool.model.surgery import convert_to_bitnet, set_quant_mix
@@ -61,7 +62,7 @@ def replace_directory(tmp: Path, final: Path) -> None:
     """Move a finished temporary directory to ``final``, replacing any old one."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        old = temporary_sibling(final, "old")
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
@@ -77,8 +78,13 @@ def save_model_dir(
     (a full-precision teacher) that any transformers user can load.
     """
     final = Path(output)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WftError(f"cannot create {final.parent}: {err.strerror or err}") from None
+    remove_leftovers(final)
+    tmp = temporary_sibling(final)
+    existed = final.exists()
     _quiet_transformers()
     try:
         if meta is not None:
@@ -89,9 +95,14 @@ def save_model_dir(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_directory(tmp, final)
-    except OSError as err:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WftError(f"cannot write model to {final}: {err.strerror or err}") from None
+        if is_disk_full(err):
+            kept = f"{final} is as it was" if existed else "nothing was left behind"
+            raise disk_full_error("the model", final, kept) from None
+        if isinstance(err, OSError):
+            raise WftError(f"cannot write model to {final}: {err.strerror or err}") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,6 +134,10 @@ def read_metadata(path: str | Path) -> TernaryMetadata:
         meta = TernaryMetadata(**section)
     except TypeError as err:
         raise WftError(f"{config_path}: bad '{CONFIG_KEY}' section: {err}") from None
+    problem = _metadata_problem(meta)
+    if problem:
+        raise WftError(f"{config_path}: bad '{CONFIG_KEY}' section: {problem}",
+                       "restore the directory from its stage's checkpoint or convert again")
     if meta.format_version > FORMAT_VERSION:
         raise WftError(
             f"{path} was written by a newer wft (format {meta.format_version}); upgrade wftool"
@@ -130,10 +145,53 @@ def read_metadata(path: str | Path) -> TernaryMetadata:
     return meta
 
 
+def _metadata_problem(meta: TernaryMetadata) -> str | None:
+    from wftool.model.families import FAMILIES
+    from wftool.model.surgery import SUB_NORM_PLACEMENTS
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            math.isfinite(value))
+
+    if not isinstance(meta.family, str) or meta.family not in FAMILIES:
+        return f"family {meta.family!r} is not one of {', '.join(FAMILIES)}"
+    if meta.sub_norm not in SUB_NORM_PLACEMENTS:
+        return f"sub_norm {meta.sub_norm!r} is not one of {', '.join(SUB_NORM_PLACEMENTS)}"
+    if meta.sub_norm_eps is not None and not (number(meta.sub_norm_eps) and meta.sub_norm_eps > 0):
+        return f"sub_norm_eps {meta.sub_norm_eps!r} is not a positive number"
+    if not (number(meta.quant_mix) and 0 <= meta.quant_mix <= 1):
+        return f"quant_mix {meta.quant_mix!r} is not a number in [0, 1]"
+    if not isinstance(meta.format_version, int) or isinstance(meta.format_version, bool):
+        return f"format_version {meta.format_version!r} is not an integer"
+    return None
+
+
+def check_finite_weights(model, path: Path) -> None:
+    """Refuse a model whose weights hold NaN or infinity (a damaged file or a diverged run)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WftError(f"{path}: tensor '{name}' holds NaN or infinite values (a damaged "
+                           "file, or a run that diverged)",
+                           "use an earlier checkpoint of the run (runs/<name>/<stage>/step-N) "
+                           "or train again with a lower learning rate")
+
+
+def _load_tokenizer_dir(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # tokenizers raises its own base Exception for corrupt JSON
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WftError(f"cannot load the tokenizer in {path}: {first}",
+                       "restore tokenizer.json / tokenizer_config.json from the source model"
+                       ) from None
+
+
 def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device = "cpu"):
     """(model, tokenizer, metadata) from a directory written by save_model_dir."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
@@ -153,8 +211,9 @@ def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device 
     report = convert_to_bitnet(model, family, meta.sub_norm, meta.sub_norm_eps)
     _load_tensors(model, path, [f"{name}.weight" for name in report.sub_norms])
     set_quant_mix(model, meta.quant_mix)
+    check_finite_weights(model, path)
     has_tokenizer = (path / "tokenizer_config.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    tokenizer = _load_tokenizer_dir(path) if has_tokenizer else None
     return model.to(device).eval(), tokenizer, meta
 
 
@@ -165,17 +224,17 @@ def load_model_dir(path: str | Path, dtype=None, device: str | torch.device = "c
         return load_ternary_model(path, dtype=dtype, device=device)
     if not (path / "config.json").exists():
         raise WftError(f"{path} is not a model directory (no config.json)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from safetensors import SafetensorError
 
     _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise WftError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), tokenizer, None
+    check_finite_weights(model, path)
+    return model.to(device).eval(), _load_tokenizer_dir(path), None
 
 
 def _load_tensors(model, path: Path, names: list[str]) -> None:

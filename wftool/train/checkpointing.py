@@ -1,13 +1,16 @@
 """Training checkpoints: `<stage dir>/step-N/`, written atomically, resumed automatically.
 
 Model and optimizer state go through torch.distributed.checkpoint (its state-dict helpers
-handle plain, DDP and FSDP2 models alike, and every rank writes its own shard). A step
-directory is assembled under a temporary name, gets its `COMPLETE` marker last and is then
+handle plain, DDP and FSDP2 models alike, and every rank writes its own shard); the rest
+(step, schedules, hook state, data position, RNG) is JSON, so loading a checkpoint never
+unpickles anything. A step directory is assembled under a temporary name, gets its
+`COMPLETE` marker last (with a SHA-256 of every file, checked before a resume) and is then
 renamed, so a crash leaves either the old checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,11 +31,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from wftool.atomic import disk_full_error, is_disk_full, write_text_atomic
+
 # Single-process runs are a supported case of DCP, not something to warn about.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
 
 
 class CorruptCheckpoint(Exception):
@@ -48,37 +54,96 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def rng_state() -> dict:
+    """Every RNG a run draws from, as JSON-ready lists."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "cuda": ([s.tolist() for s in torch.cuda.get_rng_state_all()]
+                 if torch.cuda.is_available() else None),
     }
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def step_number(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
 
 
+def _file_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under `root` but the marker, by relative path."""
+    digests = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != COMPLETE):
+        sha = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        digests[path.relative_to(root).as_posix()] = sha.hexdigest()
+    return digests
+
+
+def verify(path: Path) -> None:
+    """Check a step directory against the digests in its marker (markers written before
+    digests existed hold only the step number and are taken as they are)."""
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpoint(f"{path}: unreadable {COMPLETE} marker ({err})") from None
+    if not isinstance(marker, dict):
+        return
+    expected = marker.get("files", {})
+    found = _file_digests(path)
+    for name, digest in expected.items():
+        if name not in found:
+            raise CorruptCheckpoint(f"{path}: {name} is missing")
+        if found[name] != digest:
+            raise CorruptCheckpoint(f"{path}: {name} is damaged (checksum mismatch)")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _read_legacy(path: Path) -> dict:
+    """A `.pt` state file from before JSON state: tensors and numpy arrays only, never
+    arbitrary code (weights_only with numpy's array types allowed)."""
+    allowed = [np.ndarray, np.dtype, np._core.multiarray._reconstruct,
+               type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        state = torch.load(path, weights_only=True)
+    rng = state.get("rng")
+    if rng is not None:  # back to the JSON layout set_rng_state reads
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        rng["torch"] = rng["torch"].tolist()
+        rng["numpy"] = [kind, np.asarray(keys).tolist(), pos, has_gauss, cached]
+        rng["python"] = list(rng["python"])
+        if rng.get("cuda") is not None:
+            rng["cuda"] = [s.tolist() for s in rng["cuda"]]
+    return state
+
+
+def _read_state(path: Path, stem: str) -> dict:
+    if (path / f"{stem}.json").exists():
+        return _read_json(path / f"{stem}.json")
+    return _read_legacy(path / f"{stem}.pt")
+
+
 class CheckpointManager:
     def __init__(self, stage_dir: Path, keep_last: int = 2):
         self.stage_dir = Path(stage_dir)
         self.keep_last = keep_last
+        if _rank() == 0:
+            self._remove_leftovers()
 
     def complete_steps(self) -> list[Path]:
         """Finished step directories, newest first."""
@@ -90,51 +155,84 @@ class CheckpointManager:
         ]
         return sorted(steps, key=step_number, reverse=True)
 
+    def _remove_leftovers(self) -> None:
+        """What a killed run left: checkpoints being assembled, and step directories whose
+        pruning had begun (their marker goes first)."""
+        if not self.stage_dir.is_dir():
+            return
+        for path in self.stage_dir.glob(".step-*.partial"):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.stage_dir.glob("step-*"):
+            if path.is_dir() and not (path / COMPLETE).exists():
+                shutil.rmtree(path, ignore_errors=True)
+        for path in self.stage_dir.glob(f".{LATEST}.tmp-*"):
+            path.unlink(missing_ok=True)
+
     def save(self, step: int, model, optimizers, schedulers, trainer_state: dict,
              data_state: dict, extra_files: dict[str, str]) -> Path:
         final = self.stage_dir / f"step-{step}"
         partial = self.stage_dir / f".step-{step}.partial"
-        if _rank() == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        _barrier()
-        model_state, optim_state = get_state_dict(model, optimizers)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial / "state")
         rank = _rank()
-        torch.save({"data": data_state, "rng": rng_state()}, partial / f"rank{rank}.pt")
-        _barrier()
-        if rank == 0:
-            state = dict(trainer_state, step=step,
-                         schedulers=[s.state_dict() for s in schedulers])
-            torch.save(state, partial / "trainer_state.pt")
-            for name, text in extra_files.items():
-                (partial / name).write_text(text)
-            (partial / COMPLETE).write_text(f"{step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _write_text_atomic(self.stage_dir / LATEST, final.name + "\n")
-            self._prune()
+        try:
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            _barrier()
+            model_state, optim_state = get_state_dict(model, optimizers)
+            dcp.save({"model": model_state, "optim": optim_state},
+                     checkpoint_id=partial / "state")
+            rank_state = {"data": data_state, "rng": rng_state()}
+            (partial / f"rank{rank}.json").write_text(json.dumps(rank_state))
+            _barrier()
+            if rank == 0:
+                state = dict(trainer_state, step=step,
+                             schedulers=[s.state_dict() for s in schedulers])
+                (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+                for name, text in extra_files.items():
+                    (partial / name).write_text(text)
+                marker = {"step": step, "files": _file_digests(partial)}
+                (partial / COMPLETE).write_text(json.dumps(marker, indent=1))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(partial, final)
+                write_text_atomic(self.stage_dir / LATEST, final.name + "\n")
+                self._prune()
+        except Exception as err:
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            if is_disk_full(err):
+                earlier = self.complete_steps()
+                kept = (f"the earlier checkpoint {earlier[0].name} is intact" if earlier
+                        else "no earlier checkpoint exists")
+                raise disk_full_error(f"checkpoint step-{step}", self.stage_dir, kept) from None
+            raise
         _barrier()
         return final
 
     def _prune(self) -> None:
         for old in self.complete_steps()[self.keep_last :]:
+            # The marker goes first: a kill mid-delete leaves no "complete" half checkpoint.
+            (old / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, model, optimizers, schedulers, *, load_optimizer: bool = True,
              load_scheduler: bool = True) -> tuple[dict, dict]:
         """Restore state from `path`; returns (trainer_state, data_state of this rank)."""
         try:
-            trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
-            rank_state = torch.load(path / f"rank{_rank()}.pt", weights_only=False)
+            verify(path)
+            trainer_state = _read_state(path, "trainer_state")
+            rank_state = _read_state(path, f"rank{_rank()}")
             # Asking for optimizer state initialises it, so only do that when loading it.
             state = {"model": get_model_state_dict(model)}
             if load_optimizer:
                 state["optim"] = get_optimizer_state_dict(model, optimizers)
             dcp.load(state, checkpoint_id=path / "state")
+        except CorruptCheckpoint:
+            raise
         except (Exception, CheckpointException) as err:  # any bad piece spoils the step
-            raise CorruptCheckpoint(f"{path}: {type(err).__name__}: {err}") from err
+            lines = str(err).strip().splitlines()
+            raise CorruptCheckpoint(
+                f"{path}: {type(err).__name__}: {lines[0] if lines else ''}") from err
         set_model_state_dict(model, state["model"])
         if load_optimizer:
             set_optimizer_state_dict(model, optimizers, state["optim"])
