@@ -8,20 +8,24 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
 
 @contextlib.contextmanager
-def running_server(*args: str, timeout: float = 120.0):
-    """Yield the base URL of `wft serve <args> --port 0`; the port is read from its banner."""
+def running_server(*args: str, timeout: float = 120.0, output: list[str] | None = None):
+    """Yield the base URL of `wft serve <args> --port 0`; the port is read from its banner.
+    The server's output is read on, so a chatty server never blocks on a full pipe; pass a
+    list as `output` to collect its lines."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     process = subprocess.Popen(
         [sys.executable, "-m", "wftool", "serve", *args, "--port", "0", "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        lines, deadline = [], time.monotonic() + timeout
+        lines = [] if output is None else output
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = process.stdout.readline()
             if not line and process.poll() is not None:
@@ -33,6 +37,7 @@ def running_server(*args: str, timeout: float = 120.0):
         else:
             raise AssertionError("wft serve did not start:\n" + "".join(lines))
         base = found.group(1)
+        threading.Thread(target=_read_on, args=(process.stdout, lines), daemon=True).start()
         _wait_healthy(base, deadline)
         yield base
     finally:
@@ -41,6 +46,11 @@ def running_server(*args: str, timeout: float = 120.0):
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def _read_on(stream, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
 
 
 def _wait_healthy(base: str, deadline: float) -> None:

@@ -74,6 +74,17 @@ def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
     assert draws == {0, 1}  # 0.5 < 0.7 <= 0.8: tokens 0 and 1 only
 
 
+@pytest.mark.parametrize("sampling", [
+    Sampling(1e-310), Sampling(5e-324), Sampling(1e-40), Sampling(2.0, 1e-300, seed=1),
+    Sampling(1.0, 5e-324), Sampling(1e-300, 1e-300),
+])
+def test_tiny_temperature_or_top_p_picks_the_top_token(sampling):
+    """1 / 1e-310 overflows and 1e-300 rounds to 0 in float32: neither may reach softmax."""
+    logits = torch.tensor([0.1, 2.0, 1.9999, -3.0])
+    generator = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, sampling, generator) for _ in range(50)} == {1}
+
+
 def test_text_held_back_for_a_stop_string_is_sent_when_the_model_ends(engine):
     ids = []
     for token in engine.sample(engine.encode("kiza pa", chat=False), Sampling(0.0)):
@@ -91,7 +102,8 @@ def test_text_held_back_for_a_stop_string_is_sent_when_the_model_ends(engine):
     assert finish == "stop" and held == text
 
 
-def test_llamacpp_seed_does_not_leak_into_later_requests(tmp_path, llama_student, tokenizer):
+@pytest.fixture(scope="module")
+def llamacpp(tmp_path_factory, llama_student, tokenizer):
     from tests.conftest import require_llamacpp
 
     require_llamacpp()
@@ -100,15 +112,24 @@ def test_llamacpp_seed_does_not_leak_into_later_requests(tmp_path, llama_student
     from wftool.model.families import FAMILIES
     from wftool.serve.engine_llamacpp import LlamaCppEngine
 
-    path = tmp_path / "s.gguf"
+    path = tmp_path_factory.mktemp("gguf") / "s.gguf"
     write_gguf(llama_student, tokenizer, FAMILIES["llama"], GgufTarget("bitnet", "f16"), path)
-    llamacpp = LlamaCppEngine(path, threads=1, context_length=128)
-    try:
-        def draw(seed):
-            return _run(llamacpp, "kiza pa", max_tokens=12, sampling=Sampling(1.0, 1.0, seed))[0]
+    engine = LlamaCppEngine(path, threads=1, context_length=128)
+    yield engine
+    engine.close()
 
-        seeded = draw(7)
-        assert draw(7) == seeded
-        assert draw(None) != draw(None)  # unseeded requests are random again
-    finally:
-        llamacpp.close()
+
+def test_llamacpp_seed_does_not_leak_into_later_requests(llamacpp):
+    def draw(seed):
+        return _run(llamacpp, "kiza pa", max_tokens=12, sampling=Sampling(1.0, 1.0, seed))[0]
+
+    seeded = draw(7)
+    assert draw(7) == seeded
+    assert draw(None) != draw(None)  # unseeded requests are random again
+
+
+def test_llamacpp_tiny_temperature_or_top_p_is_greedy(llamacpp):
+    greedy, *_ = _run(llamacpp, "kiza pa", max_tokens=12, sampling=Sampling(0.0))
+    for sampling in (Sampling(1e-310), Sampling(1e-40), Sampling(2.0, 1e-300, seed=1),
+                     Sampling(1.0, 5e-324, seed=2)):
+        assert _run(llamacpp, "kiza pa", max_tokens=12, sampling=sampling)[0] == greedy

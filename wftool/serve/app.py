@@ -1,15 +1,16 @@
-"""The OpenAI-compatible HTTP app: routes, limits, errors and server-sent-event streaming.
+"""The OpenAI-compatible HTTP app: routes, limits and server-sent-event streaming.
 
 One generation runs at a time (engines are not thread-safe and each already uses every
 thread it was given); up to `max_concurrent` requests are admitted and wait their turn,
 further ones get 429 at once instead of queueing without bound. A request's slot is freed
 by the response itself, so a client that disconnects mid-stream frees it too.
+
+Refusals and bugs are answered as errors.py says: a 4xx naming the field, or a JSON 500.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
@@ -18,16 +19,16 @@ from typing import Callable, Iterator
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from wftool.serve.errors import (INTERNAL_ERROR, ApiError, LastResort, log, unreadable_json,
+                                 validation_error)
 from wftool.serve.generation import Engine, Generation, Sampling, generate
 from wftool.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 # OpenAI's default for /v1/completions; chat completions default to the server's limit.
 COMPLETION_DEFAULT_TOKENS = 16
-# Pydantic names union members in error locations ("prompt.str"); clients want the field.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|dict|list|none|[\w-]+\[.*\])$")
 
 
 @dataclass(frozen=True)
@@ -36,22 +37,6 @@ class Limits:
     max_prompt_tokens: int
     max_concurrent: int
     max_body_bytes: int = 1 << 20
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = (
-            status, message, param, code, kind)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 class Admission:
@@ -122,11 +107,6 @@ class AdmittedStream(StreamingResponse):
                 close()
 
 
-def _field_path(loc) -> str:
-    parts = [str(p) for p in loc if p != "body" and not _UNION_MEMBER.match(str(p))]
-    return ".".join(parts) or "body"
-
-
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -135,6 +115,7 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
     app = FastAPI(title="wft", description=f"OpenAI-compatible API serving {model_id}",
                   docs_url=None, redoc_url=None)
     app.add_middleware(BodySizeLimit, limit=limits.max_body_bytes)
+    app.add_middleware(LastResort)  # added last: wraps the rest
     admission = Admission(limits.max_concurrent)
     engine_lock = threading.Lock()
     model_card = {"id": model_id, "object": "model", "created": int(time.time()),
@@ -146,22 +127,14 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, err: RequestValidationError):
-        first = err.errors()[0]
-        if first.get("type") == "json_invalid":
-            return ApiError(400, "the request body is not valid JSON").response()
-        field = _field_path(first.get("loc", ()))
-        message = first.get("msg", "invalid value").removeprefix("Value error, ")
-        return ApiError(400, f"{field}: {message}", param=field).response()
+        return validation_error(list(err.errors())).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, err: StarletteHTTPException):
+        if err.status_code == 400 and err.__cause__ is not None:  # FastAPI's json.loads failed
+            return ApiError(400, unreadable_json(err.__cause__)).response()
         code = "not_found" if err.status_code == 404 else None
         return ApiError(err.status_code, str(err.detail), code=code).response()
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request, err: Exception):
-        return ApiError(500, f"generation failed: {type(err).__name__}: {err}",
-                        kind="server_error").response()
 
     @app.get("/health")
     def health():
@@ -198,8 +171,10 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
                            code="context_length_exceeded")
         wanted = body.requested_tokens
         if wanted is not None and wanted > limits.max_tokens:
-            raise ApiError(400, f"max_tokens {wanted} is over this server's limit of "
-                           f"{limits.max_tokens}", param="max_tokens")
+            name = "max_completion_tokens" if body.max_completion_tokens is not None \
+                else "max_tokens"
+            raise ApiError(400, f"{name} {wanted} is over this server's limit of "
+                           f"{limits.max_tokens}", param=name)
         max_tokens = min(default_tokens if wanted is None else wanted, room)
         sampling = Sampling(body.temperature, body.top_p, body.seed)
         return Generation(ids, max_tokens, sampling, body.stops, chat)
@@ -270,8 +245,9 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
                     yield chunk(None, piece.finish_reason)
             if include_usage:
                 yield _sse({**head, "object": kind, "choices": [], "usage": _usage(generation)})
-        except Exception as err:  # headers are sent: report in-band, as OpenAI does
-            yield _sse(ApiError(500, f"generation failed: {err}", kind="server_error").body())
+        except Exception:  # headers are sent: report in-band, as OpenAI does
+            log.exception("bug: generation failed mid-stream")
+            yield _sse(INTERNAL_ERROR.body())
         yield _sse("[DONE]")
 
     def _chat_prompt(body: ChatCompletionRequest) -> str:
@@ -289,7 +265,8 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
     @app.post("/v1/completions")
     def completions(body: CompletionRequest):
         _check_model(body.model)
-        return _answer(body, lambda: body.prompt, False, COMPLETION_DEFAULT_TOKENS)
+        return _answer(body, lambda: body.prompt, False,
+                       min(COMPLETION_DEFAULT_TOKENS, limits.max_tokens))
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: ChatCompletionRequest):

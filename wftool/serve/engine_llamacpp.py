@@ -66,8 +66,9 @@ class LlamaCppEngine:
         seed = LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
         self.llm.set_seed(seed % 2**32)
         # top_k 0 and min_p 0 switch those filters off: only temperature and top_p apply,
-        # as in the torch backend and the OpenAI API.
-        yield from self.llm.generate(prompt_ids, temp=sampling.temperature,
+        # as in the torch backend and the OpenAI API. Temperature 0 is llama.cpp's greedy.
+        temperature = 0.0 if sampling.greedy else sampling.temperature
+        yield from self.llm.generate(prompt_ids, temp=temperature,
                                      top_p=sampling.top_p, top_k=0, min_p=0.0,
                                      repeat_penalty=1.0)
 

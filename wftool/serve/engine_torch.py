@@ -16,15 +16,16 @@ from wftool.serve.generation import END_OF_TURN_TOKENS, Sampling
 
 
 def sample_token(logits: torch.Tensor, sampling: Sampling, generator) -> int:
-    """Greedy at temperature 0; else llama.cpp's order, so both backends draw from the same
-    distribution: keep the smallest set of tokens whose probability (before temperature)
-    reaches top_p, then sample from softmax(logits / T) over that set."""
-    if sampling.temperature <= 0:
+    """Greedy at temperature 0 (or near it); else llama.cpp's order, so both backends draw
+    from the same distribution: keep the smallest set of tokens whose probability (before
+    temperature) reaches top_p, then sample from softmax(logits / T) over that set."""
+    if sampling.greedy:
         return int(logits.argmax())
     logits = logits.float()
     if sampling.top_p < 1.0:
         probs, order = torch.softmax(logits, dim=-1).sort(descending=True)
-        outside = probs.cumsum(-1) - probs >= sampling.top_p  # the top token always stays
+        outside = probs.cumsum(-1) - probs >= sampling.top_p
+        outside[0] = False  # the top token always stays, even if top_p rounds to 0 in float32
         logits = logits.clone()
         logits[order[outside]] = float("-inf")
     probs = torch.softmax(logits / sampling.temperature, dim=-1)

@@ -15,11 +15,21 @@ from typing import Iterator, Protocol
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
+# Temperatures below this sample greedily. softmax(logits / T) there already gives a token
+# 1e-3 below the top logit under e^-100 of the mass, and tinier ones overflow float32 in
+# either backend (1 / 1e-310 is inf; llama.cpp rounds 1e-40 to a subnormal and divides).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
+    temperature: float = 1.0  # under GREEDY_BELOW (0 included) = greedy
+    top_p: float = 1.0  # the top token is always kept, however small
     seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 class Engine(Protocol):

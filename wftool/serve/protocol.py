@@ -4,13 +4,23 @@ Unknown fields are ignored (clients send many); fields that would change the ans
 way wft does not implement (n > 1, logprobs, echo, penalties, logit_bias, tools, JSON
 response formats) are refused with a 400 naming the field rather than silently dropped.
 `model` is only ever compared with the served model's id: no request can name a file.
+
+Types are strict: a boolean is `true` or `false` (not "yes" or 1), an integer is not `2.0`
+or `true`, and numbers are finite (Python's json reads `NaN` and `Infinity`).
+`null` for an optional field asks for its default, as OpenAI's schema allows. Text must be
+valid Unicode: JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer encodes.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_validator,
+                      model_validator)
+
+# The most stop sequences a request may give (OpenAI's limit).
+MAX_STOPS = 4
+_STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 def _only(accepted: str, ok) -> AfterValidator:
@@ -24,23 +34,39 @@ def _only(accepted: str, ok) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"holds a lone UTF-16 surrogate ({value[err.start]!r} at character "
+                         f"{err.start}), which is not text; send valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 _EMPTY = _only("omit it", lambda v: not v)
 _ZERO = _only("0", lambda v: v == 0)
 _ONE = _only("1", lambda v: v == 1)
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(BaseModel):
+    model_config = _STRICT
 
-    model: str | None = None
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    model_config = _STRICT
+
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     n: Annotated[int, _ONE] = 1
     frequency_penalty: Annotated[float, _ZERO] = 0.0
     presence_penalty: Annotated[float, _ZERO] = 0.0
@@ -48,12 +74,19 @@ class _Request(BaseModel):
     logprobs: Annotated[Any, _EMPTY] = None
     top_logprobs: Annotated[Any, _EMPTY] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, value):
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
         return stops
 
     @property
@@ -67,11 +100,11 @@ class _Request(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
+    prompt: Union[Text, list[Text]]
     echo: Annotated[bool, _only("false", lambda v: not v)] = False
     best_of: Annotated[int, _ONE] = 1
     suffix: Annotated[Any, _EMPTY] = None
@@ -87,15 +120,17 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+    model_config = _STRICT
+
+    type: Annotated[str, _only('"text"', lambda v: v == "text")]  # no images, audio, files
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
 
     @property
     def text(self) -> str:
