@@ -191,3 +191,19 @@ def test_checkpoints_in_the_older_pt_layout_still_resume(tmp_path):
     (step6 / COMPLETE).write_text("6\n")
     step, text = _resume(recipe)
     assert step == 6 and "skipping" not in text
+
+
+def test_disk_full_while_logging_metrics_is_a_clear_error(tmp_path, monkeypatch):
+    from wftool.train.metrics import MetricsLog
+
+    recipe, stage = _trained(tmp_path, "training.max_steps=2")
+
+    def full_disk(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MetricsLog, "write", full_disk)
+    longer = load_recipe(small_recipe(tmp_path), ["training.max_steps=4"], stage="pretrain")
+    with pytest.raises(WftError, match="the disk is full: writing metrics.jsonl") as err:
+        run_pretrain(longer)
+    assert "checkpoints up to step-2 are intact" in err.value.message
+    assert (stage / "final" / "recipe.yaml").exists() and (stage / "final" / "eval.json").exists()

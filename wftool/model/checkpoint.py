@@ -70,9 +70,11 @@ def replace_directory(tmp: Path, final: Path) -> None:
 
 
 def save_model_dir(
-    model, tokenizer, output: str | Path, meta: TernaryMetadata | None = None
+    model, tokenizer, output: str | Path, meta: TernaryMetadata | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write model + tokenizer atomically to ``output`` (replacing it if present).
+    """Write model + tokenizer (+ `extra_files`, name -> text) atomically to ``output``,
+    replacing it if present.
 
     ``meta`` marks a ternary student; without it the directory is a plain Hugging Face model
     (a full-precision teacher) that any transformers user can load.
@@ -94,6 +96,8 @@ def save_model_dir(
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         replace_directory(tmp, final)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)

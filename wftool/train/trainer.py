@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from wftool.atomic import disk_full_error, is_disk_full
 from wftool.data.packing import build_stream
 from wftool.errors import WftError
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
@@ -269,9 +270,7 @@ class Trainer:
                     record.update(self.evaluate())
                     display.set_phase(None)
                     display.update(self.step, _shown(record), tokens_seen=self.tokens_seen)
-                for entry in pending:
-                    for sink in self.sinks:
-                        sink.write(entry)
+                self._write_metrics(pending)
                 pending = []
                 if saving:
                     display.set_phase(f"saving step-{self.step}")
@@ -344,6 +343,19 @@ class Trainer:
                 )
         records[-1]["mem_gb"] = peak_memory_gb(self.device)
 
+    def _write_metrics(self, records: list[dict]) -> None:
+        try:
+            for entry in records:
+                for sink in self.sinks:
+                    sink.write(entry)
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            saved = self.checkpoints.complete_steps()
+            kept = (f"checkpoints up to {saved[0].name} are intact" if saved
+                    else "no checkpoint was written yet")
+            raise disk_full_error("metrics.jsonl", self.run.output_dir, kept) from None
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -378,9 +390,9 @@ class Trainer:
                 meta.stage = self.run.stage
                 meta.quant_mix = current_quant_mix(self.model)
             self.model.eval()
-            save_model_dir(self.model, self.run.tokenizer, final, meta)
-            (final / "recipe.yaml").write_text(self._recipe_text())
-            (final / "eval.json").write_text(json.dumps(self.last_eval, indent=2))
+            save_model_dir(self.model, self.run.tokenizer, final, meta, extra_files={
+                "recipe.yaml": self._recipe_text(),
+                "eval.json": json.dumps(self.last_eval, indent=2)})
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0 and self.run.recipe.sync_to:  # after the barrier: no rank waits on it
