@@ -113,3 +113,42 @@ def test_doctor_reports_versions():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "torch" in result.output and "llama-cpp-python" in result.output
+
+
+def test_convert_refuses_a_file_where_it_writes_a_directory(tmp_path):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("x")
+    onto = runner.invoke(app, ["convert", "tiny", "--output", str(in_the_way)])
+    assert onto.exit_code == 2 and "Traceback" not in onto.output
+    assert "--output" in onto.output and "is a file" in onto.output
+    below = runner.invoke(app, ["convert", "tiny", f"output_dir={in_the_way}/runs"])
+    assert below.exit_code == 2 and "Traceback" not in below.output
+    assert "output_dir" in below.output and "a file" in below.output
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.config.hidden_act=nope", "model.config.hidden_act"),
+    ("model.config.num_attention_heads=3", "model.config.num_attention_heads"),
+    ("model.config.hidden_size=-8", "model.config.hidden_size"),
+    ("model.config.vocab_size=100", "model.config.vocab_size"),
+])
+def test_convert_refuses_bad_model_config_before_any_work(tmp_path, override, field):
+    result = runner.invoke(app, ["convert", "tiny", override, f"output_dir={tmp_path}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert field in result.output
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_unwritable_paths_are_a_message_not_a_traceback(tmp_path, monkeypatch):
+    """An OSError about a path (a full disk, no permission) while a command writes."""
+    import errno
+
+    import wftool.commands.convert as convert_command
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(convert_command, "save_model_dir", refuse)
+    result = runner.invoke(app, ["convert", "tiny", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "No space left on device" in " ".join(result.output.split())

@@ -6,7 +6,9 @@ stays instant.
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -58,8 +60,44 @@ def user_errors(command):
         except KeyboardInterrupt:
             error_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except OSError as err:
+            # A path the user chose that cannot be written (a file in the way, no
+            # permission, a full disk) is theirs to fix; any other OSError is a bug.
+            if err.errno not in _PATH_ERRNOS or err.filename is None:
+                raise
+            error_console.print(f"[bold red]error:[/] {escape(str(err.filename))}: "
+                                f"{escape(err.strerror or str(err))}", highlight=False)
+            hint = ("free disk space, or choose another output_dir (or --output)"
+                    if err.errno in (errno.ENOSPC, errno.EDQUOT) else
+                    "check the paths in the recipe (output_dir, name, convert.output, ...) "
+                    "and the options")
+            error_console.print(f"[yellow]hint:[/] {hint}", highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR,
+                errno.ENAMETOOLONG, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ELOOP}
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Refuse, before any work, a directory to write that a file is in the way of or that
+    cannot be created here; `what` names where the path came from (--output, output_dir)."""
+    try:
+        for candidate in (path, *path.parents):
+            if not candidate.exists():
+                continue
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"is under {candidate}, a file"
+                raise WftError(f"{what} {path} {where}; wft writes a directory there",
+                               "choose another path, or move the file away")
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                raise WftError(f"{what} {path}: cannot create it in {candidate} (no permission)",
+                               "choose a directory you can write")
+            return
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise WftError(f"{what} {path}: {err.strerror or err}") from None
 
 
 def _load(recipe: str, overrides: list[str] | None, stage: str | None):
@@ -80,8 +118,13 @@ def convert(
 ):
     """Insert SubLN and BitLinear into a Hugging Face causal LM and save the student."""
     config = _load(recipe, overrides, "convert")
-    from wftool.commands.convert import print_convert_summary, run_convert
+    from wftool.commands.convert import default_convert_output, print_convert_summary, run_convert
 
+    if output is not None:
+        check_output_dir(output, "--output")
+    else:
+        check_output_dir(default_convert_output(config),
+                         "convert.output" if config.convert.output else "output_dir")
     with console.status(f"converting {config.model.name_or_path or config.name} ..."):
         result = run_convert(config, output=output, force=force)
     print_convert_summary(result, config, console)
@@ -107,6 +150,7 @@ def _training_command(stage: str):
     @user_errors
     def command(recipe: RecipeArg, overrides: OverridesArg = None):
         config = _load(recipe, overrides, stage)
+        check_output_dir(Path(config.stage_dir(stage)), "output_dir")
         from wftool.stage_registry import get_stage
 
         result = get_stage(stage).run_function()(config, console)
@@ -268,6 +312,7 @@ def serve(
 def pipeline(recipe: RecipeArg, overrides: OverridesArg = None):
     """Run the stages a recipe lists, in order, and compare the student to the teacher."""
     config = _load(recipe, overrides, None)
+    check_output_dir(Path(config.output_dir) / config.name, "output_dir")
     from wftool.commands.pipeline import run_pipeline
 
     run_pipeline(config, console)

@@ -114,3 +114,16 @@ def test_a_tokenizer_without_eos_is_a_user_error():
     for cls in (PackedTextStream, TaskStream):
         with pytest.raises(WftError, match="tokenizer my-tokenizer has no EOS token"):
             cls(mixer, NoEos(), 8)
+
+
+def test_rows_and_batches_too_long_to_build_are_refused():
+    """Recipes bound seq_len when read; streams built from options or copied specs (eval's
+    --seq-len) are checked here, instead of packing for minutes."""
+    from wftool.errors import WftError
+    from wftool.recipe.fields import MAX_SEQ_LEN
+
+    with pytest.raises(WftError, match="seq_len 100000000 is outside"):
+        build_stream(DataSpec().model_copy(update={"seq_len": 100_000_000}), CharTokenizer())
+    stream = _stream(["abc"], seq_len=MAX_SEQ_LEN)
+    with pytest.raises(WftError, match="over 4,194,304"):
+        stream.next_batch(8)

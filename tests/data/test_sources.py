@@ -130,3 +130,14 @@ def test_classification_rows_become_prompt_and_label_text(tmp_path):
     bad = source.model_copy(update={"label_names": ["yes"]})
     with pytest.raises(WftError, match="no entry in label_names"):
         next(open_reader(bad, "task", 0).iter_from(0))
+
+
+def test_a_split_with_no_documents_is_an_error_not_a_hang(tmp_path):
+    """One row held out (eval_fraction 0.1 holds out row 0): training would scan forever."""
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": "the only row"}) + "\n")
+    spec = DataSpec(sources=[DataSource(files=[str(path)])], eval_fraction=0.1)
+    assert DocumentMixer(spec, "eval").next_document() == "the only row"
+    with pytest.raises(WftError, match="has no train documents .eval_fraction holds out "
+                                       "every 10th row"):
+        DocumentMixer(spec, "train").next_document()

@@ -72,3 +72,16 @@ def test_a_recipe_field_is_named_instead_of_the_flag(no_gpu):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_cuda_is_refused_on_this_cpu_machine():
     assert "no CUDA GPU is visible to PyTorch" in _refused("cuda").message
+
+
+def test_a_config_transformers_cannot_build_is_a_message():
+    """Recipes are checked when read; a spec made in code still gets a message at convert."""
+    from tests.train.conftest import SMALL_MODEL
+    from wftool.model.loading import load_source_model
+    from wftool.recipe.schema import ModelSpec
+
+    spec = ModelSpec.model_construct(
+        name_or_path=None, config={**SMALL_MODEL, "hidden_act": "nope"}, tokenizer="synthetic",
+        revision=None, dtype="float32", seed=0)
+    with pytest.raises(WftError, match="model.config: transformers cannot build this model"):
+        load_source_model(spec)

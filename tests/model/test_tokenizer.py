@@ -60,9 +60,20 @@ def test_convert_refuses_a_recipe_tokenizer_without_eos(tmp_path):
     recipe = tmp_path / "noeos.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "noeos", "output_dir": str(tmp_path / "runs"),
-        "model": {"config": SMALL_MODEL, "tokenizer": str(path), "dtype": "float32"}}))
+        "model": {"config": SMALL_MODEL, "tokenizer": str(path), "dtype": "float32"},
+        "data": {"seq_len": 32}}))
     result = CliRunner().invoke(app, ["convert", str(recipe)])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert f"tokenizer {path} has no EOS token" in " ".join(result.output.split())
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_synthetic_vocabulary_smaller_than_its_bytes_is_refused():
+    """vocab_size=100 used to convert "successfully": the tokenizer had 260 tokens, and the
+    first training step indexed past the embeddings."""
+    with pytest.raises(WftError) as caught:
+        load_tokenizer("synthetic", 100)
+    assert "at least 260 tokens" in caught.value.message
+    assert caught.value.hint == "set model.config.vocab_size=260 or more"
+    assert len(load_tokenizer("synthetic", 260)) == 260

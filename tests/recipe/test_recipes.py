@@ -157,3 +157,119 @@ def test_schema_exports_and_forbids_extras():
     schema = Recipe.model_json_schema(by_alias=True)
     assert schema["additionalProperties"] is False
     assert {"model", "pretrain", "distill", "export", "launch"} <= set(schema["properties"])
+
+
+# ---- the tester's findings: each mistake is a message naming the field or file -----------
+
+def _small(tmp_path, **extra):
+    from tests.recipe.fuzz_cases import base_recipe
+
+    data = base_recipe(str(tmp_path / "runs"))
+    data.update(extra)
+    return data
+
+
+def test_unreadable_files_are_named(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"name: t\nmodel: {name_or_path: \xff\xfe}\n")
+    with pytest.raises(WftError, match=r"latin.yaml:2:23: not UTF-8 text \(byte 0xff\)"):
+        load_recipe(str(path))
+    path.write_bytes("name: t\n".encode("utf-16"))
+    with pytest.raises(WftError, match="latin.yaml is a binary file"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: {seed: " + "9" * 5000 + "}", "r.yaml:3:14: a value YAML cannot convert (an integer "
+     "of 5,000 digits)"),
+    ("data: {seed: 0x" + "f" * 5000 + "}", "data.seed: an integer of 20000 bits"),
+    ("description: &a [*a]", "description[0] contains itself (a recursive YAML alias)"),
+    ("description: 2024-01-01", "description: YAML read 2024-01-01 as a date"),
+])
+def test_values_yaml_cannot_hold_give_a_message(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\nmodel: {name_or_path: x}\n" + text + "\n")
+    with pytest.raises(WftError) as err:
+        load_recipe(str(path))
+    assert message in str(err.value)
+
+
+def test_aliases_are_copied_so_an_override_changes_one_section(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\nmodel: {name_or_path: x}\n"
+                    "pretrain: {training: &t {max_steps: 9}}\nlayerwise: {training: *t}\n")
+    recipe = load_recipe(str(path), ["training.max_steps=3"], stage="pretrain")
+    assert recipe.pretrain.training.max_steps == 3
+    assert recipe.layerwise.training.max_steps == 9
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.config.hidden_act=nope", "model.config.hidden_act: not an activation"),
+    ("model.config.num_attention_heads=3",
+     "model.config.num_attention_heads: must divide hidden_size (64)"),
+    ("model.config.hidden_size=-8", "model.config.hidden_size: must be between 1 and 65536"),
+    ("model.config.num_key_value_heads=3",
+     "model.config.num_key_value_heads: must divide num_attention_heads (4)"),
+    ("model.config.vocab_size=100", "model.config.vocab_size: the synthetic tokenizer has at "
+     "least 260 tokens"),
+    ("model.config.pad_token_id=512", "model.config.pad_token_id: must be a token id below "
+     "vocab_size (512)"),
+    ("model.config.tie_word_embeddings=1", "model.config.tie_word_embeddings: transformers "
+     "rejects it"),
+    ("model.config.model_type=gpt2", "model.config.model_type: model family 'gpt2' is not "
+     "supported"),
+    ("data.seq_len=256", "data.seq_len: longer than the model's context "
+     "(model.config.max_position_embeddings = 128)"),
+    ("distill.attention_layer=2", "distill.attention_layer: the model has 2 layers"),
+    ("distill.relation_heads=64", "distill.relation_heads: must divide the width"),
+    ("name=..", "name: must be one directory name"),
+    ("name=" + "n" * 101, "name: must be one directory name of at most 100 characters"),
+    ("output_dir=''", "output_dir: must not be empty"),
+    ("training.max_steps=true", "pretrain.training.max_steps: expected a number, not a "
+     "boolean"),
+    ("training.lr=.inf", "pretrain.training.lr: Input should be a finite number"),
+    ("training.lr=1.0e30", "pretrain.training.lr: Input should be less than or equal to 1"),
+    ("data.seq_len=100000000", "data.seq_len: Input should be less than or equal to 1048576"),
+    ("training.micro_batch_size=100000000", "pretrain.training.micro_batch_size: Input "
+     "should be less than or equal to 65536"),
+    ("training.micro_batch_size=65536", None),  # x seq_len 32: 2M tokens, allowed
+    ("data.eval_fraction=1e-9", "data.eval_fraction: must be 0 (no evaluation) or at least"),
+    ("data.eval_fraction=0.9", "data.eval_fraction: Input should be less than or equal to 0.5"),
+])
+def test_bad_values_are_refused_when_read(tmp_path, override, message):
+    path = _write(tmp_path, _small(tmp_path))
+    if message is None:
+        load_recipe(path, [override], stage="pretrain")
+        return
+    with pytest.raises(WftError) as err:
+        load_recipe(path, [override], stage="pretrain")
+    assert message in str(err.value)
+    assert f"[from override {override[:40]}" in str(err.value)
+
+
+def test_batch_tokens_are_bounded_across_sections(tmp_path):
+    data = _small(tmp_path, data={"seq_len": 128})
+    data["model"]["config"]["max_position_embeddings"] = 1 << 20
+    path = _write(tmp_path, data)
+    message = _error_of(path, ["pretrain.training.micro_batch_size=65536"])
+    assert ("pretrain.training.micro_batch_size: 65536 rows x data.seq_len 128 = 8,388,608 "
+            "tokens per micro-batch, over 4,194,304") in message
+
+
+def _error_of(path, overrides):
+    with pytest.raises(WftError) as err:
+        load_recipe(path, overrides)
+    return str(err.value)
+
+
+def test_int_valued_floats_in_model_config_are_floats(tmp_path):
+    recipe = load_recipe(_write(tmp_path, _small(tmp_path)), ["model.config.rms_norm_eps=1",
+                                                               "model.config.rope_theta=10000"])
+    assert recipe.model.config["rms_norm_eps"] == 1.0
+    assert isinstance(recipe.model.config["rms_norm_eps"], float)
+
+
+def test_prompt_templates_are_checked(tmp_path):
+    source = {"synthetic": True, "prompt_template": "Q: {0}"}
+    message = _error(tmp_path, _minimal(data={"format": "task", "sources": [source]}))
+    assert "data.sources[0].prompt_template: '{0}' is not a column name" in message

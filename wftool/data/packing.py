@@ -11,6 +11,7 @@ import torch
 
 from wftool.data.sources import DocumentMixer
 from wftool.errors import WftError
+from wftool.recipe.fields import MAX_BATCH_TOKENS, MAX_SEQ_LEN
 
 IGNORE_INDEX = -100  # labels the loss skips
 _TOKENIZE_CHUNK = 32
@@ -68,6 +69,7 @@ class PackedTextStream:
         return row, positions
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        check_batch_size(self.seq_len, batch_size)
         rows = [self.next_row() for _ in range(batch_size)]
         input_ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
         return {
@@ -104,6 +106,7 @@ class TaskStream:
         return ids, labels
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        check_batch_size(self.seq_len, batch_size)
         examples = [self.encode(*self.mixer.next_document()) for _ in range(batch_size)]
         return collate_examples(examples, self.pad)
 
@@ -145,8 +148,21 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
+def check_batch_size(seq_len: int, batch_size: int = 1) -> None:
+    """Refuse rows or batches so long that building them would run for minutes or exhaust
+    memory (recipes are checked when read; eval options and copied specs come here too)."""
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise WftError(f"seq_len {seq_len} is outside 1 to {MAX_SEQ_LEN:,} tokens",
+                       "lower data.seq_len (or --seq-len)")
+    if batch_size * seq_len > MAX_BATCH_TOKENS:
+        raise WftError(f"a batch of {batch_size} rows of {seq_len} tokens is "
+                       f"{batch_size * seq_len:,} tokens, over {MAX_BATCH_TOKENS:,}",
+                       "lower micro_batch_size (or --batch-size) and raise grad_accum")
+
+
 def build_stream(spec, tokenizer, split: str = "train", rank: int = 0, world_size: int = 1):
     """The batch stream for a recipe data section."""
+    check_batch_size(spec.seq_len)
     mixer = DocumentMixer(spec, split, rank, world_size)
     cls = TaskStream if spec.format == "task" else PackedTextStream
     return cls(mixer, tokenizer, spec.seq_len)

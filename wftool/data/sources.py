@@ -53,6 +53,7 @@ class TableReader(Reader):
         if len(table) == 0:
             raise WftError(f"data source {_describe(source)} is empty")
         self.table, self.seed = table, seed
+        self.rows = len(table)
         self.row_to_document = _row_converter(table.column_names, fmt, source)
         self._epoch, self._order = -1, None
 
@@ -79,6 +80,7 @@ class StreamReader(Reader):
         self.stream = stream
         self.row_to_document = _row_converter(stream.column_names, fmt, source)
         self.source = source
+        self.rows: int | None = None  # known after the first full pass
 
     def iter_from(self, start):
         index = 0
@@ -92,6 +94,7 @@ class StreamReader(Reader):
                 index += 1
             if not produced:
                 raise WftError(f"data source {_describe(self.source)} is empty")
+            self.rows = row + 1
 
 
 def _describe(source: DataSource) -> str:
@@ -198,6 +201,7 @@ class DocumentMixer:
         self, spec: DataSpec, split: str = "train", rank: int = 0, world_size: int = 1,
         readers: list[Reader] | None = None,
     ):
+        self.sources = spec.sources
         self.readers = readers or [open_reader(s, spec.format, spec.seed) for s in spec.sources]
         weights = np.array([s.weight for s in spec.sources], dtype=np.float64)
         self.weights = weights / weights.sum()
@@ -217,11 +221,33 @@ class DocumentMixer:
         choice = int(self.rng.choice(len(self.readers), p=self.weights))
         if self._iterators[choice] is None:
             self._iterators[choice] = self.readers[choice].iter_from(self.positions[choice])
+        skipped = 0
         for index, row, document in self._iterators[choice]:
             if self._wanted(index, row):
                 self.positions[choice] = index + 1
                 return document
+            skipped += 1
+            if skipped > self._skip_limit(choice):
+                self._none_wanted(choice)
         raise WftError("data source ended unexpectedly")
+
+    def _skip_limit(self, choice: int) -> int:
+        """Documents to pass over before concluding this split of a source is empty: a
+        few epochs of a table (each epoch reshuffles which indices a rank gets), else a
+        few hold-out periods."""
+        period = max(self.holdout_every, 1) * self.world_size
+        rows = getattr(self.readers[choice], "rows", None)
+        if rows is not None:
+            return (self.world_size + 2) * max(rows, period) + 1000
+        return 10 * period + 10_000
+
+    def _none_wanted(self, choice: int) -> None:
+        source = _describe(self.sources[choice]) if choice < len(self.sources) else "data"
+        held = (f"eval_fraction holds out every {self.holdout_every}th row"
+                if self.holdout_every else "eval_fraction is 0: nothing is held out")
+        whose = f" for rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
+        raise WftError(f"data source {source} has no {self.split} documents{whose} ({held})",
+                       "change data.eval_fraction, or add documents to the source")
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "positions": list(self.positions)}

@@ -25,8 +25,8 @@ def build_config(spec: ModelSpec):
     family_for_model_type(model_type)  # fail early, with the supported list
     try:
         return AutoConfig.for_model(model_type, **values)
-    except (ValueError, TypeError) as err:
-        raise WftError(f"model.config: {err}") from None
+    except Exception as err:  # noqa: BLE001 - transformers refusing user values
+        raise WftError(f"model.config: transformers rejects it: {_last_line(err)}") from None
 
 
 def load_source_model(spec: ModelSpec):
@@ -40,8 +40,16 @@ def load_source_model(spec: ModelSpec):
         family = family_for_model_type(config.model_type)
         torch.manual_seed(spec.seed)
         dtype = torch.float32 if spec.dtype == "auto" else DTYPES[spec.dtype]
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # The tokenizer first: it is cheap, and a synthetic one that cannot fit the
+        # vocabulary is refused before a large model is allocated.
         tokenizer = load_tokenizer(spec.tokenizer, config.vocab_size, spec.revision)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (ValueError, TypeError, KeyError, AssertionError, RuntimeError) as err:
+            # Recipes are checked when read; a config that still fails here (a value
+            # wft does not know) is the user's to fix, not a traceback.
+            raise WftError(f"model.config: transformers cannot build this model: "
+                           f"{_last_line(err)}", "check the model.config values") from None
         return model.eval(), tokenizer, family
 
     source = spec.name_or_path
@@ -69,6 +77,12 @@ def _family_of(config) -> Family:
     if not model_type:
         raise WftError(f"config has no model_type; supported: {supported_families_text()}")
     return family_for_model_type(model_type)
+
+
+def _last_line(err: Exception) -> str:
+    """The last line of transformers' message, which says what is wrong."""
+    text = str(err).strip()
+    return text.splitlines()[-1].strip() if text else type(err).__name__
 
 
 def _first_line(err: Exception) -> str:

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from wftool.data.packing import require_eos
 from wftool.data.synthetic import WordClassTask, SyntheticLanguage
+from wftool.errors import WftError
 
 SYNTHETIC = "synthetic"
 EOS_TOKEN = "<|endoftext|>"
@@ -21,12 +22,19 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, "<|im_start|>", "<|im_end|>")
+# Byte-level BPE always holds the 256 bytes and the special tokens, whatever vocab_size says.
+MIN_SYNTHETIC_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 
 def train_synthetic_tokenizer(
     vocab_size: int, language: SyntheticLanguage | None = None, n_documents: int = 2000
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE of exactly ``vocab_size`` tokens trained on the synthetic language."""
+    if vocab_size < MIN_SYNTHETIC_VOCAB:
+        raise WftError(
+            f"the synthetic tokenizer needs at least {MIN_SYNTHETIC_VOCAB} tokens (256 bytes + "
+            f"{len(SPECIAL_TOKENS)} special tokens); the model has vocab_size {vocab_size}",
+            f"set model.config.vocab_size={MIN_SYNTHETIC_VOCAB} or more")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     language = language or SyntheticLanguage()
@@ -66,7 +74,12 @@ def load_tokenizer(source: str, vocab_size: int, revision: str | None = None):
     refused here, before any stage runs: packing ends every document and task answer with EOS.
     """
     if source == SYNTHETIC:
-        return train_synthetic_tokenizer(vocab_size)
+        tokenizer = train_synthetic_tokenizer(vocab_size)
+        if len(tokenizer) > vocab_size:  # token ids past the embeddings: wrong, not slow
+            raise WftError(f"the synthetic tokenizer has {len(tokenizer)} tokens, more than the "
+                           f"model's vocab_size {vocab_size}",
+                           f"set model.config.vocab_size={len(tokenizer)} or more")
+        return tokenizer
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)

@@ -13,10 +13,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from wftool.errors import WftError
+from wftool.recipe.reading import parse_yaml, plain_tree, read_yaml_file
 from wftool.recipe.schema import STAGES, Recipe
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -40,29 +40,29 @@ def bundled_recipes() -> dict[str, Path]:
 
 def resolve_recipe_path(name_or_path: str) -> Path:
     """A recipe file path, or the name of a bundled recipe (`tiny`, `qwen3_4b`, ...)."""
+    if not name_or_path.strip() or "\0" in name_or_path:
+        raise WftError(f"recipe {name_or_path!r} is not a file name",
+                       "`wft recipe list` shows the bundled recipes")
     path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+        exists = path.exists()
+    except OSError as err:  # a name too long for the file system
+        raise WftError(f"recipe '{_clip(name_or_path)}': {err.strerror}") from None
     bundled = bundled_recipes()
     stem = path.name.removesuffix(path.suffix) if path.suffix in RECIPE_SUFFIXES else path.name
     if path.parent == Path(".") and stem in bundled:
         return bundled[stem]
-    if path.exists():
-        raise WftError(f"recipe '{name_or_path}' is a directory, not a YAML file")
+    if exists:
+        kind = "a directory" if path.is_dir() else "a device or pipe"
+        raise WftError(f"recipe '{name_or_path}' is {kind}, not a YAML file")
     hint = _did_you_mean(stem, bundled) or "`wft recipe list` shows the bundled recipes"
     raise WftError(f"recipe '{name_or_path}' not found (no such file or bundled recipe)", hint)
 
 
 def read_recipe_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err)
-        raise WftError(f"{where}: invalid YAML: {problem}") from None
-    except OSError as err:
-        raise WftError(f"cannot read recipe {path}: {err.strerror}") from None
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
         raise WftError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     return raw
@@ -97,13 +97,10 @@ def apply_overrides(
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise WftError(
-                f"override '{item}' is not of the form key=value",
+                f"override '{_clip(item)}' is not of the form key=value",
                 "e.g. training.max_steps=100 or data.seq_len=256",
             )
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            value = text
+        value = parse_yaml(text, f"override '{_clip(item)}'", lenient=True) if text else None
         path = override_path(key.strip(), raw, stage)
         node = raw
         for depth, part in enumerate(path[:-1]):
@@ -112,7 +109,7 @@ def apply_overrides(
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 where = ".".join(path[: depth + 1])
-                raise WftError(f"override '{item}': '{where}' is a value, not a section")
+                raise WftError(f"override '{_clip(item)}': '{where}' is a value, not a section")
             node = child
         node[path[-1]] = value
         landed[".".join(path)] = item
@@ -122,6 +119,7 @@ def apply_overrides(
 def validate_recipe(
     raw: dict[str, Any], source: str = "recipe", overrides: dict[str, str] | None = None
 ) -> Recipe:
+    raw = plain_tree(raw, source)  # no cycles, shared nodes or unrepresentable values
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
@@ -157,14 +155,34 @@ def format_error(error: dict[str, Any], overrides: dict[str, str]) -> str:
     if error["type"] == "missing":
         return f"{dotted or 'recipe'}: required field is missing{origin}"
     value = error.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    if error["type"] == "wft_field":  # a validator naming a field below its own location
+        ctx = error["ctx"]
+        dotted = ".".join(p for p in (dotted, ctx["field"]) if p)
+        origin = _override_origin(dotted, overrides)
+        message, value = ctx["message"], ctx["value"]
+        shown = "" if value is None else f" (got {_short(value)})"
+        return f"{dotted}: {message}{shown}{origin}"
+    shown = "" if isinstance(value, dict) else f" (got {_short(value)})"
     return f"{dotted or 'recipe'}: {message}{shown}{origin}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr, cut to `limit` characters: a message quotes a value, never a whole document."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's int-string limit
+        text = f"<integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _override_origin(dotted: str, overrides: dict[str, str]) -> str:
     for path, item in overrides.items():
         if dotted == path or dotted.startswith(path + ".") or dotted.startswith(path + "["):
-            return f" [from override {item}]"
+            return f" [from override {_clip(item)}]"
     return ""
 
 

@@ -7,31 +7,50 @@ holds that stage's settings. Every model forbids unknown keys, so a typo is an e
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from wftool.recipe.fields import (
+    MAX_BATCH,
+    MAX_SEQ_LEN,
+    Count,
+    Float,
+    Fraction,
+    Int,
+    NotBool,
+    PathText,
+    PositiveWeight,
+    PromptTemplate,
+    RunName,
+    Seed,
+    Steps,
+    Weight,
+)
 from wftool.stage_registry import DEFAULT_PIPELINE, SECTION_NAMES, STUDENT_STAGE_NAMES
 
 SCHEMA_VERSION = 1
 STAGES = SECTION_NAMES  # recipe sections that dotted overrides may resolve in
 PipelineStageName = Literal[STUDENT_STAGE_NAMES + ("export",)]
+Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or nan anywhere a number is meant.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(Section):
     """The full-precision model to convert: a hub id / local directory, or a config to build."""
 
-    name_or_path: str | None = Field(None, description="Hugging Face hub id or local directory.")
+    name_or_path: PathText | None = Field(
+        None, description="Hugging Face hub id or local directory.")
     config: dict[str, Any] | None = Field(
         None,
         description="Build a randomly initialised model from this Hugging Face config "
         "(must contain `model_type`) instead of loading weights.",
     )
-    tokenizer: str | None = Field(
+    tokenizer: PathText | None = Field(
         None,
         description="Tokenizer hub id or directory (default: name_or_path); `synthetic` trains "
         "a byte-level BPE on wft's synthetic language.",
@@ -40,7 +59,8 @@ class ModelSpec(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype when loading; `auto` keeps the checkpoint's."
     )
-    seed: int = Field(0, description="Seed for weights built from `config`.")
+    seed: Seed = Field(0, description="Seed for weights built from `config`.")
+    _shape: Any = PrivateAttr(None)  # model_config.ModelShape of `config`, once checked
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -51,13 +71,23 @@ class ModelSpec(Section):
                 raise ValueError("`config` needs a `model_type` (e.g. llama, qwen3)")
             if self.tokenizer is None:
                 raise ValueError("a model built from `config` needs `tokenizer` (e.g. synthetic)")
+            from wftool.recipe.model_config import check_model_config
+
+            self._shape = check_model_config(self.config, self.tokenizer)
+        else:
+            self._shape = None
         return self
+
+    @property
+    def shape(self):
+        """The checked shape of a model built from `config` (None for `name_or_path`)."""
+        return self._shape
 
 
 class TeacherSpec(Section):
     """The full-precision teacher used by `layerwise` and `distill`."""
 
-    name_or_path: str | None = Field(
+    name_or_path: PathText | None = Field(
         None,
         description="Hub id or directory of the task fine-tuned full-precision teacher for "
         "`distill`; empty = the recipe's original `model`.",
@@ -75,8 +105,8 @@ class QuantizationSpec(Section):
 
     weights: Literal["ternary_absmean"] = "ternary_absmean"
     activations: Literal["int8_absmax_per_token"] = "int8_absmax_per_token"
-    warmup_steps: int = Field(
-        0, ge=0, description="Ramp from latent to ternary weights over this many optimizer "
+    warmup_steps: Steps = Field(
+        0, description="Ramp from latent to ternary weights over this many optimizer "
         "steps of the student's whole training: convert starts it at 0, each stage continues "
         "from the mix its input reached (0 = off: ternary from the start)."
     )
@@ -88,23 +118,25 @@ class DataSource(Section):
     dataset: str | None = Field(None, description="Hugging Face data set name.")
     subset: str | None = Field(None, description="Data set configuration name.")
     split: str = "train"
-    files: list[str] | None = Field(None, description="Local text/JSONL/Parquet files or globs.")
+    files: list[PathText] | None = Field(
+        None, min_length=1, description="Local text/JSONL/Parquet files or globs.")
     synthetic: bool = Field(False, description="wft's built-in synthetic language.")
     text_field: str = Field("text", description="Column holding the text (format: text).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (format: task).")
     answer_field: str = Field("answer", description="Column holding the answer (format: task).")
-    prompt_template: str | None = Field(
+    prompt_template: PromptTemplate | None = Field(
         None,
         description="Build the prompt from columns, e.g. 'Premise: {premise}\nHypothesis: "
         "{hypothesis}\nAnswer:' (format: task; replaces prompt_field).",
     )
     label_names: list[str] | None = Field(
         None,
+        min_length=1,
         description="Answer text per integer label, e.g. [entailment, neutral, contradiction]; "
         "the model generates ' <name>' (format: task).",
     )
     streaming: bool = Field(False, description="Stream instead of downloading (large corpora).")
-    weight: PositiveFloat = Field(1.0, description="Share of this source in the mix.")
+    weight: PositiveWeight = Field(1.0, description="Share of this source in the mix.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> DataSource:
@@ -120,38 +152,49 @@ class DataSpec(Section):
         description="`text`: documents packed into sequences (pre-training); `task`: prompt + "
         "answer pairs, loss on answer tokens only (fine-tuning, distillation).",
     )
-    sources: list[DataSource] = Field(default_factory=lambda: [DataSource(synthetic=True)])
-    seq_len: PositiveInt = 512
-    eval_fraction: float = Field(
-        0.01, ge=0.0, lt=1.0, description="Share of documents held out for evaluation."
+    sources: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(synthetic=True)], min_length=1)
+    seq_len: Int = Field(512, ge=2, le=MAX_SEQ_LEN,
+                         description="Tokens per row (at most the model's context).")
+    eval_fraction: Float = Field(
+        0.01, ge=0.0, le=0.5,
+        description="Share of documents held out for evaluation (0, or 0.001 to 0.5).",
     )
-    eval_batches: PositiveInt = Field(8, description="Batches in each evaluation.")
-    seed: int = 0
+    eval_batches: Int = Field(8, ge=1, le=10_000, description="Batches in each evaluation.")
+    seed: Seed = 0
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _findable(cls, fraction: float) -> float:
+        # 1 row in 10^6 held out: evaluation scans millions of documents to find its batches.
+        if 0 < fraction < 0.001:
+            raise ValueError("must be 0 (no evaluation) or at least 0.001")
+        return fraction
 
 
 class TrainingSpec(Section):
-    max_steps: PositiveInt = 1000
-    micro_batch_size: PositiveInt = 8
-    grad_accum: PositiveInt = 1
-    lr: PositiveFloat = 3e-4
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    max_steps: Count = 1000
+    micro_batch_size: Int = Field(8, ge=1, le=MAX_BATCH)
+    grad_accum: Int = Field(1, ge=1, le=MAX_BATCH)
+    lr: Float = Field(3e-4, gt=0.0, le=1.0)
+    min_lr_ratio: Fraction = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
-    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of steps decaying.")
+    warmup_steps: Steps = 100
+    decay_fraction: Float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of steps decaying.")
     optimizer: Literal["adamw", "muon"] = "adamw"
-    weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    weight_decay: Fraction = 0.1
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    grad_clip: Float | None = Field(1.0, gt=0.0, le=1e6)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
     )
     activation_checkpointing: bool = False
     compile: bool = False
-    seed: int = 0
-    log_every: PositiveInt = 10
-    eval_every: PositiveInt = 200
-    save_every: PositiveInt = 500
-    keep_last: PositiveInt = 2
+    seed: Seed = 0
+    log_every: Count = 10
+    eval_every: Count = 200
+    save_every: Count = 500
+    keep_last: Int = Field(2, ge=1, le=1000)
 
 
 class TeacherTraining(Section):
@@ -187,17 +230,20 @@ class ConvertStage(Section):
         description="`paper`: RMSNorm before o_proj and down_proj (exports to llama.cpp's "
         "bitnet arch); `all`: one before every projection (official code); `none`.",
     )
-    sub_norm_eps: PositiveFloat | None = Field(
-        None, description="Default: the model's rms_norm_eps (`paper`), 1e-8 (`all`)."
+    sub_norm_eps: Float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Default: the model's rms_norm_eps (`paper`), 1e-8 (`all`)."
     )
-    output: str | None = Field(None, description="Default: <output_dir>/<name>/convert/final.")
+    output: PathText | None = Field(
+        None, description="Default: <output_dir>/<name>/convert/final.")
 
 
 class _TrainingStage(Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     data: DataSpec | None = Field(None, description="Default: the top-level `data`.")
     resume: ResumeSpec = Field(default_factory=ResumeSpec)
-    init: str | None = Field(None, description="Starting weights; default: the previous stage.")
+    init: PathText | None = Field(
+        None, description="Starting weights; default: the previous stage.")
 
 
 class LayerwiseStage(_TrainingStage):
@@ -205,9 +251,9 @@ class LayerwiseStage(_TrainingStage):
 
     layer_weighting: Literal["linear", "uniform"] = "linear"
     normalize: Literal["l2", "rms"] = "l2"
-    ce_weight: float = Field(0.0, ge=0.0, description="Blend of next-token CE into the loss.")
-    distill_share_end: float = Field(
-        1.0, ge=0.0, le=1.0, description="Distillation share at the last step (decays from 1)."
+    ce_weight: Weight = Field(0.0, description="Blend of next-token CE into the loss.")
+    distill_share_end: Fraction = Field(
+        1.0, description="Distillation share at the last step (decays from 1)."
     )
 
 
@@ -220,27 +266,30 @@ class PretrainStage(_TrainingStage):
 class UnifiedStage(_TrainingStage):
     """LM loss + masked-diffusion loss in one pass."""
 
-    dlm_weights: list[float] = Field(
+    dlm_weights: list[Weight] = Field(
         default_factory=lambda: [0.0, 0.5, 1.0],
+        min_length=1,
+        max_length=1000,
         description="Curriculum: DLM loss weight per phase (phases split the steps evenly).",
     )
-    mask_eps: float = Field(1e-3, gt=0.0, lt=1.0)
-    qk_clip_tau: PositiveFloat | None = Field(100.0, description="MuonClip threshold.")
+    mask_eps: Float = Field(1e-3, gt=0.0, lt=1.0)
+    qk_clip_tau: PositiveWeight | None = Field(100.0, description="MuonClip threshold.")
 
 
 class DistillStage(_TrainingStage):
     """Stage 3: CE + logits KL + multi-head attention relation distillation."""
 
-    temperature: PositiveFloat = 5.0
-    logits_weight: float = Field(10.0, ge=0.0, description="lambda (10 classification, 1 summ.)")
-    attention_weight: float = Field(1e5, ge=0.0, description="gamma (1e5 classification)")
-    attention_layer: int = Field(-1, description="Layer for relation distillation (<0: from end).")
-    relation_heads: PositiveInt = 32
+    temperature: Float = Field(5.0, gt=0.0, le=1000.0)
+    logits_weight: Weight = Field(10.0, description="lambda (10 classification, 1 summ.)")
+    attention_weight: Weight = Field(1e5, description="gamma (1e5 classification)")
+    attention_layer: Int = Field(
+        -1, ge=-1024, le=1023, description="Layer for relation distillation (<0: from end).")
+    relation_heads: Int = Field(32, ge=1, le=4096)
 
 
 class ExportStage(Section):
     type: Literal["tq1_0", "tq2_0", "i2_s", "f16", "bf16"] = "tq2_0"
-    output: str | None = None
+    output: PathText | None = None
     validate_export: bool = Field(True, alias="validate")
 
 
@@ -248,11 +297,11 @@ class ServeStage(Section):
     backend: Literal["llamacpp", "torch"] = "llamacpp"
     device: str = Field("auto", description="torch backend: auto (a GPU if any), cpu, cuda, ...")
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    threads: PositiveInt | None = None
-    max_tokens: PositiveInt = 512
-    max_prompt_tokens: PositiveInt = 4096
-    max_concurrent: PositiveInt = 4
+    port: Int = Field(8000, ge=0, le=65535)
+    threads: Int | None = Field(None, ge=1, le=4096)
+    max_tokens: Int = Field(512, ge=1, le=MAX_SEQ_LEN)
+    max_prompt_tokens: Int = Field(4096, ge=1, le=MAX_SEQ_LEN)
+    max_concurrent: Int = Field(4, ge=1, le=10_000)
 
 
 class LaunchStage(Section):
@@ -260,17 +309,19 @@ class LaunchStage(Section):
     infra: str | None = Field(
         None, description="SkyPilot infra, e.g. nebius, runpod, aws/us-east-1.")
     accelerators: str | None = Field(None, description="e.g. H100:8")
-    nodes: PositiveInt = 1
-    gpus_per_node: PositiveInt | None = None
+    nodes: Int = Field(1, ge=1, le=10_000)
+    gpus_per_node: Int | None = Field(None, ge=1, le=1024)
     use_spot: bool = False
 
 
 class Recipe(Section):
-    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Recipe format version.")
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (runs/<name>/...).")
+    schema_version: Annotated[Literal[1], NotBool] = Field(
+        SCHEMA_VERSION, description="Recipe format version.")
+    name: RunName = Field(
+        ..., description="Run name: one directory under output_dir (letters, digits, _ . -).")
     description: str | None = None
-    output_dir: str = "runs"
-    sync_to: str | None = Field(
+    output_dir: PathText = Field("runs", description="Where every stage writes.")
+    sync_to: PathText | None = Field(
         None,
         description="Also copy every stage's final/ to this fsspec URL (gs://bucket/dir, "
         "s3://..., hf://user/repo); later stages fetch from there when the local copy is "
@@ -294,6 +345,13 @@ class Recipe(Section):
     export: ExportStage = Field(default_factory=ExportStage)
     serve: ServeStage = Field(default_factory=ServeStage)
     launch: LaunchStage = Field(default_factory=LaunchStage)
+
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> Recipe:
+        from wftool.recipe.limits import check_recipe_limits
+
+        check_recipe_limits(self)
+        return self
 
     def stage_dir(self, stage: str) -> str:
         return f"{self.output_dir}/{self.name}/{stage}"
