@@ -95,3 +95,13 @@ def stream(url: str, body: dict) -> list[dict | str]:
                 data = line[len("data: "):]
                 events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def completion_scope(payload: bytes) -> dict:
+    """The ASGI scope of a JSON POST to /v1/completions, for driving the app directly."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+            "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                         (b"content-length", str(len(payload)).encode())],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}

@@ -7,6 +7,7 @@ import json
 import pytest
 from starlette.requests import ClientDisconnect
 
+from tests.serve.client import completion_scope
 from wftool.quant.ternary_linear import pack_ternary_layers
 from wftool.serve.app import Limits, create_app
 from wftool.serve.engine_torch import TorchEngine
@@ -41,12 +42,7 @@ def _call(app, body: dict, leave_after_chunks: int | None) -> list[bytes]:
         elif message["type"] == "http.response.start":
             received.append(str(message["status"]).encode())
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-             "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(payload)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    scope = completion_scope(payload)
 
     async def run():
         try:

@@ -8,6 +8,7 @@ import logging
 import pytest
 from pydantic import ValidationError
 
+from tests.serve.client import completion_scope
 from wftool.serve.app import Limits, create_app
 from wftool.serve.errors import validation_error
 from wftool.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -92,12 +93,7 @@ def _post(app, body: dict) -> tuple[int, bytes]:
         elif message["type"] == "http.response.body":
             received.setdefault("body", []).append(message.get("body", b""))
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-             "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(payload)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    scope = completion_scope(payload)
     asyncio.run(app(scope, receive, send))
     return received["status"], b"".join(received.get("body", []))
 
