@@ -234,3 +234,17 @@ def test_distill_continues_the_warmup_and_never_twice_in_a_second_keeps_both(
         run_distill(load_recipe(path, overrides + ["distill.resume.mode=never"]))
     stage_dir = Path(recipe.stage_dir("distill"))
     assert len(list(stage_dir.parent.glob("distill.replaced-*"))) == 2
+
+
+def test_a_stage_estimates_its_length_from_the_first_step(tmp_path, monkeypatch):
+    import wftool.train.trainer as trainer_module
+
+    path = small_recipe(tmp_path)
+    recipe = load_recipe(path, ["training.max_steps=5"], stage="pretrain")
+    run_convert(recipe)
+    ticks = iter(range(0, 10_000, 3))  # every clock read moves 3 s: the first step takes 3 s
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(ticks)))
+    console = _console()
+    run_pretrain(recipe, console)
+    assert "first step 3.00 s; the other 4 take about 12 s" in console.export_text()
+    assert trainer_module._duration(3725) == "1 h 02 min"

@@ -248,9 +248,13 @@ class Trainer:
             self.console, tokens_seen=self.tokens_seen)
         pending: list[dict] = []
         window_start, window_tokens = time.perf_counter(), 0
+        estimated = False
         try:
             while self.step < spec.max_steps:
                 record = self.train_step()
+                if not estimated:
+                    self._say_estimate(time.perf_counter() - window_start)
+                    estimated = True
                 self.step += 1
                 record["step"] = self.step
                 pending.append(record)
@@ -324,6 +328,17 @@ class Trainer:
         self.tokens_seen += tokens * self.world_size
         record.update({"tokens": self.tokens_seen, "_tokens": tokens})
         return record
+
+    def _say_estimate(self, first_step: float) -> None:
+        """Before the run is under way: its length from the first step's time."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once: the first step's real duration
+        remaining = self.spec.max_steps - self.step - 1  # after this first one
+        if remaining > 0:
+            self._say(f"{self.run.stage}: first step {first_step:.2f} s; the other "
+                      f"{remaining} take about {_duration(first_step * remaining)} plus "
+                      "evaluation and checkpoints (the first step includes warm-up, so this "
+                      "errs long)")
 
     def _resolve(self, records: list[dict]) -> None:
         """Tensors in `records` -> floats with one device-to-host copy (averaged over ranks);
@@ -404,6 +419,14 @@ class Trainer:
         if self.console is not None and self.rank == 0:
             self.console.print(text, soft_wrap=True)  # piped logs keep one line per message
 
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def _shown(record: dict) -> dict:
