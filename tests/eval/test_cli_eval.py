@@ -3,13 +3,20 @@ they produced, and one clear line for every bad input."""
 
 import json
 import sys
+from collections import Counter
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from tests.conftest import require_llamacpp
-from tests.eval.conftest import assert_matches, reference_numbers, require_lm_eval, tiny_llama
+from tests.eval.conftest import (
+    assert_matches,
+    read_jsonl,
+    reference_numbers,
+    require_lm_eval,
+    tiny_llama,
+)
 from tests.train.conftest import SMALL_MODEL, small_recipe
 from wftool.cli import app
 from wftool.model.checkpoint import load_model_dir, save_model_dir
@@ -24,7 +31,7 @@ def _eval(*args):
 
 
 def test_eval_prints_a_table_and_writes_json(student_dir, teacher_dir, text_file, task_file,
-                                             tmp_path):
+                                             tmp_path, tokenizer):
     out = tmp_path / "results.json"
     result = _eval(teacher_dir, student_dir, "--text", text_file, "--task", task_file,
                    "--seq-len", 48, "--batch-size", 3, "--output", out)
@@ -39,7 +46,39 @@ def test_eval_prints_a_table_and_writes_json(student_dir, teacher_dir, text_file
     assert (text_set["documents"], text_set["complete"]) == (7, True)
     shown = " ".join(result.output.split())  # rich wraps long lines
     assert f"all 7 documents, {text_set['tokens']:,} scored tokens" in shown
-    assert f"{100 * report['models'][1]['task_accuracy']:.1f}" in result.output
+    # Every accuracy comes with its example count and the majority-class floor: the share of
+    # the most frequent answer (tokens, EOS excluded) among the judged examples.
+    answers = Counter(tuple(tokenizer(row["answer"], add_special_tokens=False)["input_ids"])
+                      for row in read_jsonl(task_file))
+    task_set = report["sets"][1]
+    assert task_set["examples"] == sum(answers.values())
+    floor = max(answers.values()) / sum(answers.values())
+    assert task_set["majority_accuracy"] == pytest.approx(floor)
+    for row in report["models"]:
+        assert (row["examples"], row["task_examples"]) == (task_set["examples"],) * 2
+        assert row["majority_accuracy"] == pytest.approx(floor)
+        cell = (f"{100 * row['task_accuracy']:.1f} (n={row['examples']}, "
+                f"floor {100 * floor:.1f})")
+        assert cell in result.output
+
+
+def test_eval_table_notes_accuracies_at_the_majority_floor_and_ties(
+        student_dir, tmp_path, tokenizer):
+    """Every answer the same: any model that answers it scores the floor, 100 %; the same
+    model twice is a tie."""
+    task = tmp_path / "one-class.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"kiza {i} ->", "answer": " pa"}) + "\n"
+                            for i in range(6)))
+    out = tmp_path / "r.json"
+    result = _eval(student_dir, student_dir, "--task", task, "--output", out)
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(out.read_text())["models"]
+    assert (first["examples"], first["majority_accuracy"]) == (6, 1.0)
+    shown = " ".join(result.output.split())
+    assert "(n=6, floor 100.0)" in shown
+    at_floor = first["task_accuracy"] * 6 >= 5  # within one example of the floor
+    assert ("at the majority-class floor" in shown) == at_floor
+    assert f"tie: {first['model']} and {second['model']} score the same" in shown
 
 
 def _recipe_run(tmp_path):

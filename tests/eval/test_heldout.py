@@ -12,7 +12,13 @@ from wftool.data.sources import DocumentMixer
 from wftool.errors import WftError
 from wftool.eval.heldout import HeldOutSet, file_documents, judged_examples, same_tokens
 from wftool.recipe.schema import DataSource, DataSpec
-from wftool.train.evaluation import eval_batches
+from wftool.train.evaluation import (
+    accuracy_cell,
+    accuracy_notes,
+    answer_accuracy,
+    eval_batches,
+    majority_floor,
+)
 
 
 def test_text_file_is_packed_once_with_positions_restarting_per_document(tokenizer, text_file):
@@ -117,3 +123,50 @@ def test_bad_files_are_named(tmp_path, tokenizer):
     csv.write_text("text\nhello\n")
     with pytest.raises(WftError, match="must all be one of"):
         file_documents(csv, "text")
+
+
+def _task_batches(answers: list[list[int]], eos: int = 2, batch_size: int = 4) -> list[dict]:
+    """Task batches laid out as collate_examples lays them out: a 2-token prompt, the answer,
+    EOS, right padding; only the answer and the EOS are labelled."""
+    rows = [[10, 11] + answer + [eos] for answer in answers]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, row in enumerate(rows):
+        labels[i, 2 : len(row)] = ids[i, 2 : len(row)]
+    return [{"input_ids": ids[i : i + batch_size], "labels": labels[i : i + batch_size]}
+            for i in range(0, len(rows), batch_size)]
+
+
+def test_majority_floor_is_the_accuracy_of_always_answering_the_most_frequent_answer():
+    """7 of 10 answers are A (two tokens), 3 are B: answering A every time scores 70 %, and
+    the tables say so. An answer that is only its EOS is not judged, so not counted."""
+    a, b = [5, 6], [7]
+    batches = _task_batches([a, b, a, a, b, a, a, [], a, b, a])
+    assert majority_floor(batches) == {"examples": 10, "majority_accuracy": 0.7}
+    assert judged_examples(batches) == 10
+    assert majority_floor([]) == {}
+
+    # A model that answers A whatever the prompt: exactly the floor.
+    correct = judged = 0
+    for batch in batches:
+        logits = torch.zeros(*batch["labels"].shape, 16)
+        logits[:, 1, a[0]] = logits[:, 2, a[1]] = 1.0  # predictions for answer tokens 1, 2
+        c, j = answer_accuracy(logits, batch["labels"])
+        correct, judged = correct + c, judged + j
+    assert (correct, judged) == (7, 10)
+
+    floor = majority_floor(batches)
+    rows = [{"model": "one-class", "task_accuracy": 0.7, **floor},
+            {"model": "also one-class", "task_accuracy": 0.7, **floor},
+            {"model": "one better", "task_accuracy": 0.8, **floor},
+            {"model": "learned", "task_accuracy": 1.0, **floor}]
+    assert accuracy_cell(rows[0]) == "70.0 (n=10, floor 70.0)"
+    assert accuracy_cell({"task_accuracy": None}) == "-"
+    floor_note, tie_note = accuracy_notes(rows)
+    assert floor_note.startswith("one-class, also one-class and one better are at the "
+                                 "majority-class floor (70.0 % of 10 examples")
+    assert "may answer one class for everything" in floor_note
+    assert tie_note == ("tie: one-class and also one-class score the same task accuracy "
+                        "(70.0 %, 7 of 10 examples)")
+    assert accuracy_notes(rows[3:]) == []

@@ -30,6 +30,23 @@ def test_pipeline_runs_every_stage_and_reports_a_table(tmp_path):
                       "BitNet-SFT baseline"]
     for row in table:
         assert row["text_loss"] > 0 and 0.0 <= row["task_accuracy"] <= 1.0
+        # Beside every accuracy: the examples judged and the majority-class floor (the same
+        # batches for every model); beside every model: its stage's wall time and tokens.
+        assert row["examples"] == table[0]["examples"] > 0
+        assert 0.0 < row["majority_accuracy"] == table[0]["majority_accuracy"] <= 1.0
+        assert row["seconds"] >= 0 and row["reused"] is False
+    trained = {row["model"]: row["tokens"] for row in table}
+    assert trained.pop("student after convert") == 0
+    metrics = {"teacher (FP, pre-trained)": "teacher-base", "teacher (FP16-SFT)": "teacher-sft",
+               "student after layerwise": "layerwise", "student after pretrain": "pretrain",
+               "BitDistill student": "distill", "BitNet-SFT baseline": "baseline/sft"}
+    for label, stage in metrics.items():
+        last = (runs / stage / "metrics.jsonl").read_text().splitlines()[-1]
+        assert trained[label] == json.loads(last)["tokens"] > 0, label
+    shown = " ".join(result.output.split())
+    floor = table[0]["majority_accuracy"]
+    assert f"(n={table[0]['examples']}, floor {100 * floor:.1f})" in shown
+    assert "tokens" in shown and "time" in shown
     assert "BitNet-SFT baseline" in result.output
     # The distill teacher is the fine-tuned one the pipeline trained.
     distill_recipe = (runs / "distill" / "final" / "recipe.yaml").read_text()

@@ -10,6 +10,9 @@ One definition of every number, whatever runs the model (`wftool.train.evaluatio
 - task: only the answer tokens (and the EOS that closes the answer) are scored; accuracy is
   the share of examples whose answer tokens, EOS excluded, are all the model's argmax under
   teacher forcing (prompt + the gold answer so far), i.e. exact match of greedy decoding.
+  Beside it: the judged examples (`examples`) and the majority-class floor
+  (`majority_accuracy`: always giving their most frequent answer); the table notes models
+  within one example of the floor, and ties.
 - each held-out document counts once: a recipe's eval split is read once, however many
   --batches are asked for (the table and the JSON say how many documents were scored).
 A wft student runs its quantized forward (ternary weights, int8 activations, the
@@ -44,6 +47,7 @@ from wftool.eval.heldout import (
 )
 from wftool.eval.targets import EvalTarget, resolve_sources
 from wftool.model.loading import resolve_device
+from wftool.train.evaluation import accuracy_cell, accuracy_notes, majority_floor
 
 LM_EVAL_MAX_LENGTH = 2048  # longest sequence lm-eval scores (llama.cpp keeps all its logits)
 
@@ -124,6 +128,7 @@ def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalRe
                  "complete": held.complete, "tokens": scored_tokens(held.batches)}
         if s.task:
             entry["examples"] = judged_examples(held.batches)
+            entry["majority_accuracy"] = majority_floor(held.batches).get("majority_accuracy")
         described.append(entry)
         asked = options.batches or (s.data.eval_batches if s.data is not None else None)
         if s.data is not None and held.complete and asked and len(held.batches) < asked:
@@ -234,6 +239,7 @@ def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], tasks, options:
             if s.task:
                 row["task_accuracy"] = numbers.get("eval_accuracy")
                 row["task_examples"] = judged_examples(batches)
+                row.update(majority_floor(batches))  # "examples", "majority_accuracy"
         if tasks is not None:
             from wftool.eval.harness import run_lm_eval
 
@@ -314,7 +320,7 @@ def save_report(report: EvalReport, path: Path) -> None:
 
 
 HELD_OUT_COLUMNS = (("text loss", "text_loss"), ("text ppl", "text_ppl"),
-                    ("task loss", "task_loss"), ("task acc %", "task_accuracy"))
+                    ("task loss", "task_loss"), ("task acc % (n, floor)", "task_accuracy"))
 
 
 def print_eval_table(report: EvalReport, console: Console) -> None:
@@ -329,6 +335,8 @@ def print_eval_table(report: EvalReport, console: Console) -> None:
                 f"examples ({s['examples']:,} judged)" if s["kind"] == "task" else "documents")
             console.print(f"{s['kind']}: {s['origin']}, {count}, {s['tokens']:,} scored tokens "
                           f"in {s['batches']} batches (seq_len {s['seq_len']})", highlight=False)
+        for note in accuracy_notes(report.models):
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
     metrics = list(dict.fromkeys(k for row in report.models for k in row.get("lm_eval", {})
                                  if not k.endswith(":n")))
     if metrics:
@@ -349,15 +357,16 @@ def _models_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) 
     for name, _ in columns:
         table.add_column(name, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(row["model"], row["weights"], *(_cell(k, row.get(k)) for _, k in columns))
+        table.add_row(row["model"], row["weights"], *(_cell(k, row) for _, k in columns))
     return table
 
 
-def _cell(key: str, value) -> str:
+def _cell(key: str, row: dict) -> str:
+    value = row.get(key)
     if value is None:
         return "-"
     if key == "task_accuracy":
-        return f"{100 * value:.1f}"
+        return accuracy_cell(row)
     if "loss" in key or ":" in key:
         return f"{value:.4f}"
     return f"{value:.3f}"

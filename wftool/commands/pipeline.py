@@ -1,9 +1,11 @@
 """`wft pipeline`: the recipe's stages in order, each reusing the previous output, then a
-table of teacher vs student after every stage (and the BitNet-SFT baseline)."""
+table of teacher vs student after every stage (and the BitNet-SFT baseline): held-out
+numbers beside the majority-class floor, and each stage's wall time and training tokens."""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +16,42 @@ from wftool.commands.convert import run_convert
 from wftool.model.checkpoint import load_model_dir
 from wftool.recipe.schema import Recipe, ResumeSpec
 from wftool.stage_registry import STUDENT_STAGE_NAMES, final_dir, get_stage
-from wftool.train.evaluation import eval_batches, evaluate_model
+from wftool.train.evaluation import (
+    accuracy_cell,
+    accuracy_notes,
+    eval_batches,
+    evaluate_model,
+    majority_floor,
+)
+from wftool.train.metrics import read_metrics
 from wftool.train.stages import refuse_random_teacher, run_pretrain
 
 
 @dataclass
 class PipelineRow:
+    """A model of the table and the stage that made it: wall time of this invocation
+    (`reused`: an existing output was taken as is, so that time is not the stage's) and
+    the tokens it trained on."""
+
     label: str
     path: Path
+    seconds: float
+    tokens: int | None
+    reused: bool = False
+
+
+def _trained_row(label: str, final: Path, start: float) -> PipelineRow:
+    """The row of a training stage that just ended; its tokens are the last count its
+    `metrics.jsonl` (beside `final/`) holds."""
+    return PipelineRow(label, final, time.perf_counter() - start, _trained_tokens(final))
+
+
+def _trained_tokens(final: Path) -> int | None:
+    log = Path(final).parent / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    counts = [r["tokens"] for r in read_metrics(log) if r.get("tokens") is not None]
+    return int(counts[-1]) if counts else None
 
 
 def _with_trained_teacher(recipe: Recipe, console: Console) -> tuple[Recipe, list[PipelineRow]]:
@@ -31,11 +61,14 @@ def _with_trained_teacher(recipe: Recipe, console: Console) -> tuple[Recipe, lis
     root = Path(recipe.output_dir) / recipe.name
     task_data = recipe.distill.data or recipe.data
     console.rule("teacher: full-precision pre-training")
+    start = time.perf_counter()
     base = run_pretrain(recipe, console, output_dir=root / "teacher-base",
                         stage_label="teacher-base", training=plan.pretrain, data=recipe.data,
                         quantize=False, training_key="teacher.train.pretrain",
                         resume=ResumeSpec(), resume_key=None)
+    base_row = _trained_row("teacher (FP, pre-trained)", base.final_dir, start)
     console.rule("teacher: task fine-tuning (FP16-SFT)")
+    start = time.perf_counter()
     sft = run_pretrain(recipe, console, output_dir=root / "teacher-sft",
                        stage_label="teacher-sft", init=base.final_dir, training=plan.finetune,
                        data=task_data, quantize=False, training_key="teacher.train.finetune",
@@ -45,15 +78,15 @@ def _with_trained_teacher(recipe: Recipe, console: Console) -> tuple[Recipe, lis
     )
     teacher = recipe.teacher.model_copy(update={"name_or_path": str(sft.final_dir)})
     updated = recipe.model_copy(update={"model": model, "teacher": teacher})
-    rows = [PipelineRow("teacher (FP, pre-trained)", base.final_dir),
-            PipelineRow("teacher (FP16-SFT)", sft.final_dir)]
-    return updated, rows
+    sft_row = _trained_row("teacher (FP16-SFT)", sft.final_dir, start)
+    return updated, [base_row, sft_row]
 
 
 def _baseline(recipe: Recipe, console: Console) -> PipelineRow:
     """BitNet-SFT: convert without SubLN, then task fine-tuning with CE only, same budget."""
     root = Path(recipe.output_dir) / recipe.name / "baseline"
     console.rule("baseline: BitNet-SFT")
+    start = time.perf_counter()
     plain = recipe.model_copy(update={
         "convert": recipe.convert.model_copy(update={"sub_norm": "none",
                                                      "output": str(root / "convert")}),
@@ -65,7 +98,7 @@ def _baseline(recipe: Recipe, console: Console) -> PipelineRow:
                           data=recipe.distill.data or recipe.data, quantize=True,
                           training_key="distill.training", resume=ResumeSpec(),
                           resume_key=None)
-    return PipelineRow("BitNet-SFT baseline", result.final_dir)
+    return _trained_row("BitNet-SFT baseline", result.final_dir, start)  # convert included
 
 
 def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
@@ -78,16 +111,19 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
     for stage in recipe.stages:
         console.rule(f"student: {stage}")
         info = get_stage(stage) if stage in STUDENT_STAGE_NAMES else None
+        start = time.perf_counter()
         if stage == "convert":
             done = final_dir(recipe, "convert")
-            if not (done / "config.json").exists():
+            reused = (done / "config.json").exists()
+            if not reused:
                 run_convert(recipe, force=True)
             else:
                 console.print(f"convert: reusing {done}")
-            rows.append(PipelineRow(info.table_label, done))
+            rows.append(PipelineRow(info.table_label, done, time.perf_counter() - start, 0,
+                                    reused))
         elif info is not None and info.trains:
             result = info.run_function()(recipe, console)
-            rows.append(PipelineRow(info.table_label, result.final_dir))
+            rows.append(_trained_row(info.table_label, result.final_dir, start))
         else:
             console.print(f"[yellow]{stage}: not part of `wft pipeline` yet, skipped[/]")
     if recipe.pipeline.baseline and "distill" in recipe.stages:
@@ -111,32 +147,66 @@ def _evaluate_rows(recipe: Recipe, rows: list[PipelineRow]) -> list[dict]:
             batches["text"] = eval_batches(text_data, tokenizer, 16)
             if task_data is not None and task_data.format == "task":
                 batches["task"] = eval_batches(task_data, tokenizer, 32)
+            floor = majority_floor(batches.get("task", []))  # the same batches for every model
         entry = {"model": row.label, "path": str(row.path)}
         text = evaluate_model(model, batches["text"], task=False)
         entry.update({"text_loss": text.get("eval_loss"), "text_ppl": text.get("eval_ppl")})
         if "task" in batches:
             task = evaluate_model(model, batches["task"], task=True)
             entry.update({"task_loss": task.get("eval_loss"),
-                          "task_accuracy": task.get("eval_accuracy")})
+                          "task_accuracy": task.get("eval_accuracy"),
+                          "examples": floor.get("examples", 0),
+                          "majority_accuracy": floor.get("majority_accuracy")})
+        entry.update({"seconds": round(row.seconds, 2), "tokens": row.tokens,
+                      "reused": row.reused})
         results.append(entry)
     return results
 
 
 def print_pipeline_table(rows: list[dict], recipe: Recipe, console: Console) -> None:
+    """Rows are models; the notes under the table flag accuracies at the majority floor and
+    ties (`wftool.train.evaluation.accuracy_notes`, as `wft eval` does)."""
     table = Table(title=f"wft pipeline: {recipe.name} (held-out data)", title_justify="left")
     columns = [("model", None), ("text loss", "text_loss"), ("text ppl", "text_ppl"),
-               ("task loss", "task_loss"), ("task acc %", "task_accuracy")]
+               ("task loss", "task_loss"), ("task acc % (n, floor)", "task_accuracy"),
+               ("tokens", "tokens"), ("time", "seconds")]
     for title, _ in columns:
-        table.add_column(title, justify="left" if title == "model" else "right")
+        if title == "model":
+            table.add_column(title, overflow="fold")
+        else:
+            table.add_column(title, justify="right", no_wrap=True)
     for row in rows:
-        cells = [row["model"]]
-        for title, key in columns[1:]:
-            value = row.get(key)
-            if value is None:
-                cells.append("-")
-            elif key == "task_accuracy":
-                cells.append(f"{100 * value:.1f}")
-            else:
-                cells.append(f"{value:.3f}" if "loss" in key else f"{value:.2f}")
-        table.add_row(*cells)
+        table.add_row(row["model"], *(_cell(key, row) for _, key in columns[1:]))
     console.print(table)
+    for note in accuracy_notes(rows):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if any(row.get("reused") for row in rows):
+        console.print("time: this run's; a reused output (marked *) was made earlier",
+                      highlight=False)
+
+
+def _cell(key: str, row: dict) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "task_accuracy":
+        return accuracy_cell(row)
+    if key == "tokens":
+        return _count(value)
+    if key == "seconds":
+        return _duration(value) + (" *" if row.get("reused") else "")
+    return f"{value:.3f}" if "loss" in key else f"{value:.2f}"
+
+
+def _count(tokens: int) -> str:
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if tokens >= size:
+            return f"{tokens / size:.1f}{unit}"
+    return str(tokens)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"

@@ -23,6 +23,7 @@ from wftool.data.packing import IGNORE_INDEX, TaskStream, collate_examples, requ
 from wftool.data.sources import DocumentMixer, Reader, StreamReader, TableReader, open_reader
 from wftool.errors import WftError
 from wftool.recipe.schema import DataSource, DataSpec, Recipe
+from wftool.train.evaluation import judged_answers
 
 DEFAULT_SEQ_LEN = 512
 
@@ -215,7 +216,7 @@ def scored_tokens(batches: list[dict]) -> int:
 
 def judged_examples(batches: list[dict]) -> int:
     """Task examples whose answer has a token besides the closing EOS (what accuracy judges)."""
-    return sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum(-1).ge(2).sum()) for b in batches)
+    return len(judged_answers(batches))
 
 
 def same_tokens(a: list[dict], b: list[dict]) -> bool:

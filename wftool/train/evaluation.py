@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 
 import torch
 
@@ -24,17 +25,90 @@ def eval_batches(data: DataSpec, tokenizer, batch_size: int) -> list[dict]:
     return [stream.next_batch(batch_size) for _ in range(data.eval_batches)]
 
 
-def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(correct, judged): examples whose answer tokens (EOS excluded) are all greedy picks."""
-    predictions = logits[:, :-1].argmax(-1)
+def _judged_answer_tokens(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, judged): next-token targets and the answer positions accuracy judges."""
     targets = labels[:, 1:]
     answer = targets.ne(IGNORE_INDEX)
     # The last labelled token of each row is the EOS that ends the answer: not judged.
     last = answer.long().cumsum(-1).eq(answer.sum(-1, keepdim=True)) & answer
-    judged = answer & ~last
+    return targets, answer & ~last
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, judged): examples whose answer tokens (EOS excluded) are all greedy picks."""
+    predictions = logits[:, :-1].argmax(-1)
+    targets, judged = _judged_answer_tokens(labels)
     wrong = (predictions.ne(targets) & judged).any(-1)
     has_answer = judged.any(-1)
     return int((~wrong & has_answer).sum()), int(has_answer.sum())
+
+
+def judged_answers(batches: list[dict]) -> list[tuple[int, ...]]:
+    """The gold answer (token ids, closing EOS excluded) of every example `answer_accuracy`
+    judges, in batch order."""
+    answers = []
+    for batch in batches:
+        targets, judged = _judged_answer_tokens(batch["labels"])
+        for row, mask in zip(targets.tolist(), judged.tolist()):
+            answer = tuple(token for token, kept in zip(row, mask) if kept)
+            if answer:
+                answers.append(answer)
+    return answers
+
+
+def majority_floor(batches: list[dict]) -> dict:
+    """{"examples", "majority_accuracy"} of task batches: how many examples accuracy judges,
+    and the accuracy of always answering their most frequent answer (a model that learned
+    one class scores exactly this); {} without judged examples."""
+    answers = judged_answers(batches)
+    if not answers:
+        return {}
+    most = Counter(answers).most_common(1)[0][1]
+    return {"examples": len(answers), "majority_accuracy": most / len(answers)}
+
+
+def accuracy_cell(row: dict) -> str:
+    """A table cell for a row with "task_accuracy" (and "examples", "majority_accuracy" from
+    `majority_floor`): accuracy in %, with the judged examples and the majority floor."""
+    accuracy = row.get("task_accuracy")
+    if accuracy is None:
+        return "-"
+    if not row.get("examples"):
+        return f"{100 * accuracy:.1f}"
+    return (f"{100 * accuracy:.1f} (n={row['examples']:,}, "
+            f"floor {100 * row['majority_accuracy']:.1f})")
+
+
+def accuracy_notes(rows: list[dict]) -> list[str]:
+    """Warnings under a table of rows with "model", "task_accuracy", "examples" and
+    "majority_accuracy": models within one example of the majority floor, and models with
+    identical accuracy on the same examples."""
+    scored = [r for r in rows if r.get("task_accuracy") is not None and r.get("examples")]
+    notes = []
+    at_floor = [r for r in scored
+                if abs(r["task_accuracy"] - r["majority_accuracy"]) * r["examples"] <= 1 + 1e-9]
+    if at_floor:
+        floor = at_floor[0]
+        notes.append(
+            f"{_names(at_floor)} {'is' if len(at_floor) == 1 else 'are'} at the majority-class "
+            f"floor ({100 * floor['majority_accuracy']:.1f} % of {floor['examples']:,} "
+            f"examples, within one example): {'it' if len(at_floor) == 1 else 'each'} may "
+            "answer one class for everything")
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for row in scored:
+        correct = round(row["task_accuracy"] * row["examples"])
+        groups.setdefault((correct, row["examples"]), []).append(row)
+    for (correct, examples), tied in groups.items():
+        if len(tied) > 1:
+            notes.append(f"tie: {_names(tied)} score the same task accuracy "
+                         f"({100 * tied[0]['task_accuracy']:.1f} %, {correct:,} of "
+                         f"{examples:,} examples)")
+    return notes
+
+
+def _names(rows: list[dict]) -> str:
+    names = [row["model"] for row in rows]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 @torch.no_grad()
