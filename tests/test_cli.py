@@ -152,3 +152,45 @@ def test_unwritable_paths_are_a_message_not_a_traceback(tmp_path, monkeypatch):
     result = runner.invoke(app, ["convert", "tiny", "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "No space left on device" in " ".join(result.output.split())
+
+
+COMMANDS = [["convert"], ["layerwise"], ["pretrain"], ["unified"], ["distill"], ["launch"],
+            ["eval"], ["export-gguf"], ["serve"], ["pipeline"], ["doctor"], ["runs"], ["plot"],
+            ["recipe", "show"], ["recipe", "validate"], ["recipe", "schema"], ["recipe", "list"]]
+
+
+def test_the_help_checks_cover_every_command():
+    import typer.main
+
+    root = typer.main.get_command(app)
+    names = set()
+    for name, command in root.commands.items():
+        subcommands = getattr(command, "commands", None)
+        names |= {f"{name} {sub}" for sub in subcommands} if subcommands else {name}
+    assert names == {" ".join(c) for c in COMMANDS}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_help_ends_with_examples_on_their_own_lines(command):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    examples = result.output.split("Examples:", 1)[1]
+    lines = [line.strip() for line in examples.splitlines() if line.strip()]
+    # Every example is a whole line that starts with `wft` (or is a `#` comment above one).
+    assert lines and all(line.startswith(("wft ", "#")) for line in lines)
+    assert any(line.startswith(f"wft {' '.join(command)}") for line in lines)
+    assert "<bool>" not in result.output  # flags take no value
+
+
+def test_stage_examples_come_from_the_stage_registry():
+    result = runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "80"})
+    assert "wft pretrain tiny" in result.output
+    assert "wft pretrain recipes/byo.yaml training.max_steps=100" in result.output
+
+
+def test_version_prints_the_package_version():
+    from wftool import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"wft {__version__}\n"

@@ -16,22 +16,85 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from wftool.errors import WftError
+
+
+class _FlagGroup(TyperGroup):
+    """Help as it should read: flags (`--help`, `--force`, ...) without a value (Typer labels
+    every boolean option `<bool>`, as if it took one), and each command's line in the list
+    joined from its docstring's first paragraph (Rich markup mode keeps its line breaks)."""
+
+    def get_params(self, ctx):
+        return [_bare_flag(param) for param in super().get_params(ctx)]
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            for param in command.params:
+                _bare_flag(param)
+            _bare_flag(command.get_help_option(ctx))
+            if command.short_help is None and command.help:
+                command.short_help = " ".join(command.help.split("\n\n")[0].split())
+        return command
+
+
+def _bare_flag(option):
+    if option is not None and getattr(option, "is_flag", False) and option.metavar is None:
+        option.metavar = ""
+    return option
+
+
+def _examples(*lines: str) -> str:
+    """The `Examples:` block closing a command's --help (its epilog): one command a line, an
+    optional `  # why` after it printed as a comment line above it (lines stay short at 80
+    columns, and the block pastes into a shell as it is)."""
+    body = []
+    for line in lines:
+        command, _, why = line.partition("  #")
+        if why:
+            body.append(f"[dim]# {escape(why.strip())}[/]")
+        body.append(escape(command.rstrip()))
+    # No indentation: Typer strips the common indent of the lines after the first.
+    return "[bold]Examples:[/]\n" + "\n".join(body)
+
 
 app = typer.Typer(
     name="wft",
     help="Turn full-precision LLMs into 1.58-bit (ternary) models with BitDistill, and ship them.",
+    epilog=_examples("wft pipeline tiny  # the whole method on a laptop CPU, no download",
+                     "wft recipe list  # the bundled recipes",
+                     "wft pretrain --help  # any command's options, with examples"),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=_FlagGroup,
 )
-recipe_app = typer.Typer(help="Inspect, check and list recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Inspect, check and list recipes.", no_args_is_help=True,
+                         cls=_FlagGroup)
 app.add_typer(recipe_app, name="recipe")
 
 console = Console()
 error_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"wft {_version()}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print wft's version and exit.")] = False,
+):
+    # The options of `wft` itself; its help text is the Typer's above.
+    pass
+
 
 RecipeArg = Annotated[
     str, typer.Argument(help="Recipe YAML file, or a bundled recipe name (`wft recipe list`).")
@@ -106,7 +169,11 @@ def _load(recipe: str, overrides: list[str] | None, stage: str | None):
     return load_recipe(recipe, overrides or [], stage=stage)
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "wft convert tiny  # runs/tiny/convert/final",
+    "wft convert tiny convert.sub_norm=none  # no SubLN: llama.cpp's plain `llama` graph",
+    "wft convert smollm2_135m --output student --force  # replace ./student",
+))
 @user_errors
 def convert(
     recipe: RecipeArg,
@@ -146,6 +213,20 @@ def _not_yet(stage: str, what: str):
     return command
 
 
+def _stage_examples(stage) -> str:
+    """Examples for a stage's command, from the stage registry."""
+    if not stage.available:
+        return _examples(f"wft {stage.name} tiny  # says what is still being built")
+    return _examples(
+        f"wft {stage.name} tiny  # the bundled tiny recipe, on a CPU",
+        f"wft {stage.name} recipes/byo.yaml training.max_steps=100  # sets "
+        f"{stage.name}.training.max_steps",
+        f"wft {stage.name} smollm2_135m training.lr=1e-4 data.seq_len=1024",
+        f"wft recipe show tiny --stage {stage.name} training.max_steps=100  # what that "
+        "resolves to",
+    )
+
+
 def _training_command(stage: str):
     @user_errors
     def command(recipe: RecipeArg, overrides: OverridesArg = None):
@@ -174,7 +255,7 @@ def _register_stage_commands() -> None:
             continue  # convert has its own options
         command.__doc__ = (stage.summary if stage.available
                            else stage.summary.rstrip(".") + " (not available yet).")
-        app.command(name=stage.name)(command)
+        app.command(name=stage.name, epilog=_stage_examples(stage))(command)
 
 
 _register_stage_commands()
@@ -182,10 +263,19 @@ _launch = _not_yet("launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, .
 _launch.cli_name = "launch"
 _launch.__doc__ = ("Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal "
                    "(not available yet).")
-app.command(name="launch")(_launch)
+app.command(name="launch", epilog=_examples(
+    "wft launch tiny  # says what is still being built",
+    "wft pipeline tiny  # runs here today",
+))(_launch)
 
 
-@app.command("eval")
+@app.command("eval", epilog=_examples(
+    "wft eval tiny  # teacher, every stage and the GGUF exports",
+    "wft eval runs/tiny/distill/final runs/tiny/tiny-tq2_0.gguf  # a student and its GGUF",
+    "wft eval tiny --output eval.json  # also the numbers as JSON",
+    "wft eval tiny --text held_out.txt --task my_task.jsonl",
+    "wft eval runs/tiny/distill/final --lm-eval arc_easy,hellaswag --limit 200",
+))
 @user_errors
 def evaluate(
     sources: Annotated[list[str], typer.Argument(
@@ -235,7 +325,11 @@ def evaluate(
         console.print(f"results saved to {output}")
 
 
-@app.command("export-gguf")
+@app.command("export-gguf", epilog=_examples(
+    "wft export-gguf tiny  # runs/tiny/tiny-tq2_0.gguf (the recipe's export.type)",
+    "wft export-gguf tiny --type tq1_0 --force  # replace an earlier export",
+    "wft export-gguf runs/tiny/distill/final --type f16 --output tiny-f16.gguf",
+))
 @user_errors
 def export_gguf(
     source: Annotated[str, typer.Argument(
@@ -254,12 +348,13 @@ def export_gguf(
         "else on).")] = None,
     threads: Annotated[int, typer.Option(
         min=1, help="llama.cpp threads for the validation run and its decode speed.")] = 1,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ):
     """Write a GGUF file: llama.cpp's `bitnet` or `llama` architecture (TQ1_0, TQ2_0, F16,
     BF16) or BitNet.cpp's I2_S. A file that fails a check is not written; exit 1."""
     from wftool.commands.export import print_export_report, resolve_export, run_export
 
-    request = resolve_export(source, overrides, gguf_type, output, validate)
+    request = resolve_export(source, overrides, gguf_type, output, validate, force=force)
     with console.status(f"writing {request.output} ..."):
         result = run_export(request.model_dir, request.export_type, request.output,
                             request.validate, request.name, threads)
@@ -268,7 +363,11 @@ def export_gguf(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "wft serve tiny  # the recipe's export (or student), as its serve section says",
+    "wft serve runs/tiny/tiny-tq2_0.gguf --port 8080 --threads 4",
+    "wft serve runs/tiny/distill/final --backend torch --device cuda",
+))
 @user_errors
 def serve(
     source: Annotated[str, typer.Argument(
@@ -307,7 +406,11 @@ def serve(
     run_serve(source, overrides or [], options, console)
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "wft pipeline tiny  # teacher, convert, layerwise, pretrain, distill, on a CPU",
+    "wft pipeline tiny 'stages=[convert,distill]'  # skip layerwise and pretrain",
+    "wft pipeline recipes/byo.yaml  # your model and data",
+))
 @user_errors
 def pipeline(recipe: RecipeArg, overrides: OverridesArg = None):
     """Run the stages a recipe lists, in order, and compare the student to the teacher."""
@@ -318,7 +421,7 @@ def pipeline(recipe: RecipeArg, overrides: OverridesArg = None):
     run_pipeline(config, console)
 
 
-@app.command()
+@app.command(epilog=_examples("wft doctor"))
 @user_errors
 def doctor():
     """Versions, CPU/GPU, and which optional backends are installed."""
@@ -327,7 +430,28 @@ def doctor():
     print_doctor(console)
 
 
-@recipe_app.command("show")
+def _register_run_commands() -> None:
+    # Imported here: both modules are light (no torch), and keep their own typer signatures.
+    from wftool.commands.plot import plot_command
+    from wftool.commands.runs import runs_command
+
+    app.command("runs", epilog=_examples(
+        "wft runs",
+        "wft runs --output-dir /data/runs  # a recipe's output_dir",
+    ))(user_errors(runs_command))
+    app.command("plot", epilog=_examples(
+        "wft plot runs/tiny",
+        "wft plot tiny --output curves.png  # a recipe name finds its run folder",
+    ))(user_errors(plot_command))
+
+
+_register_run_commands()
+
+
+@recipe_app.command("show", epilog=_examples(
+    "wft recipe show tiny",
+    "wft recipe show tiny --stage distill training.max_steps=50  # distill.training",
+))
 @user_errors
 def recipe_show(
     recipe: RecipeArg,
@@ -346,7 +470,10 @@ def recipe_show(
     console.print(text, highlight=False, markup=False, end="")
 
 
-@recipe_app.command("validate")
+@recipe_app.command("validate", epilog=_examples(
+    "wft recipe validate recipes/byo.yaml",
+    "wft recipe validate recipes/*.yaml",
+))
 @user_errors
 def recipe_validate(
     recipes: Annotated[list[str], typer.Argument(help="Recipe files or bundled names.")],
@@ -364,7 +491,9 @@ def recipe_validate(
         raise typer.Exit(2)
 
 
-@recipe_app.command("schema")
+@recipe_app.command("schema", epilog=_examples(
+    "wft recipe schema > recipe.schema.json  # for your editor's YAML support",
+))
 def recipe_schema():
     """Print the recipe JSON schema (for editors and CI checks)."""
     import json
@@ -374,7 +503,7 @@ def recipe_schema():
     print(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
 
 
-@recipe_app.command("list")
+@recipe_app.command("list", epilog=_examples("wft recipe list"))
 def recipe_list():
     """List the bundled recipes with their one-line description."""
     from rich.table import Table

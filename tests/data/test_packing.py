@@ -79,10 +79,46 @@ def test_task_batches_put_loss_on_answer_only():
     assert batch["attention_mask"][0].tolist() == [1] * 6
 
 
-def test_task_prompt_is_cut_from_the_left():
-    stream = _stream([("abcdefgh", "xy")], seq_len=6, fmt="task")
-    ids = stream.next_batch(1)["input_ids"][0].tolist()
-    assert ids == [6, 7, 8, 24, 25, 0]
+def test_task_prompt_is_cut_from_the_left_with_one_warning_naming_the_fix():
+    stream = _stream([("abcdefgh", "xy"), ("ab", "c")], seq_len=6, fmt="task")
+    with pytest.warns(UserWarning) as caught:
+        batch = stream.next_batch(4)
+        stream.next_batch(4)  # more cut examples: no second warning
+    assert batch["input_ids"][0].tolist() == [6, 7, 8, 24, 25, 0]
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 3 + [24, 25, 0]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "of 4 read so far, 2 had the start of their prompt cut" in message
+    assert "longer than data.seq_len 6 tokens" in message
+    assert "raise data.seq_len (e.g. data.seq_len=11" in message
+    assert (stream.seen, stream.cut, stream.skipped) == (8, 4, 0)
+
+
+def test_an_answer_that_does_not_fit_is_skipped_never_cut():
+    stream = _stream([("ab", "cdefgh"), ("ab", "c")], seq_len=6, fmt="task")
+    with pytest.warns(UserWarning, match=r"2 were skipped \(the answer alone does not fit\)"):
+        batch = stream.next_batch(2)
+    # "cdefgh" + EOS is 7 tokens: those examples are dropped, the others fill the batch.
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [1, 2, 3, 0]]
+    assert (stream.seen, stream.cut, stream.skipped) == (4, 0, 2)
+
+
+def test_a_stream_whose_answers_never_fit_is_a_user_error():
+    from wftool.errors import WftError
+
+    stream = _stream([("ab", "cdefgh")], seq_len=6, fmt="task")
+    with pytest.raises(WftError, match="no task example fits data.seq_len 6"):
+        stream.next_batch(1)
+
+
+def test_examples_that_fit_warn_nothing():
+    import warnings
+
+    stream = _stream([("abc", "de")], seq_len=6, fmt="task")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream.next_batch(4)
+        assert stream.encode("abc", "de")[0] == [1, 2, 3, 4, 5, 0]
 
 
 def test_task_batches_pad_on_the_right():

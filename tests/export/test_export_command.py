@@ -41,7 +41,7 @@ def test_a_file_that_fails_validation_is_not_written(tmp_path, plain_student, mo
     # A writer bug (Q/K not permuted for llama.cpp's RoPE): the read-back must catch it, and
     # neither the bad file nor a temporary one may be left, while the older good file stays.
     monkeypatch.setattr(gguf_writer, "llama_rope_permute", lambda rows, heads: rows)
-    code, text = export(plain_student, out, "--type", "f16")
+    code, text = export(plain_student, out, "--type", "f16", "--force")
     assert code == 1
     assert "not written: a check failed" in text and "read-back │ FAILED" in text
     assert "blk.0.attn_q.weight" in text
@@ -50,6 +50,29 @@ def test_a_file_that_fails_validation_is_not_written(tmp_path, plain_student, mo
     code, _ = export(plain_student, fresh, "--type", "f16")
     assert code == 1 and not fresh.exists()
     assert _leftovers(tmp_path) == []
+
+
+def test_an_existing_output_file_is_replaced_only_with_force(tmp_path, plain_student,
+                                                             monkeypatch):
+    out = tmp_path / "plain.gguf"
+    out.write_bytes(b"an earlier export")
+
+    def never_loaded(*args, **kwargs):
+        raise AssertionError("the refusal comes before the model is loaded")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(export_command, "load_model_dir", never_loaded)
+        code, text = export(plain_student, out, "--type", "f16", "--no-validate")
+    assert code == 2 and f"{out} exists already" in text and "pass --force" in text
+    assert "Traceback" not in text and out.read_bytes() == b"an earlier export"
+    code, text = export(plain_student, out, "--type", "f16", "--no-validate", "--force")
+    assert code == 0, text
+    assert out.read_bytes().startswith(b"GGUF") and _leftovers(tmp_path) == []
+    # Code that calls the export functions itself (pipeline, benchmarks) replaces as before.
+    request = resolve_export(str(plain_student), export_type="f16", output=out)
+    assert request.output == out
+    with pytest.raises(WftError, match="exists already"):
+        resolve_export(str(plain_student), export_type="f16", output=out, force=False)
 
 
 def test_a_file_llamacpp_cannot_load_is_not_written(tmp_path, plain_student, monkeypatch):

@@ -7,7 +7,7 @@ from wftool.errors import WftError
 from wftool.recipe import STAGES, Recipe, bundled_recipes, load_recipe
 from wftool.recipe.load import apply_overrides, override_path
 
-EXPECTED_RECIPES = {"tiny", "smollm2_135m", "smollm2_1_7b", "qwen3_0_6b", "qwen3_4b"}
+EXPECTED_RECIPES = {"tiny", "smollm2_135m", "smollm2_1_7b", "qwen3_0_6b", "qwen3_4b", "byo"}
 
 
 def test_all_expected_recipes_are_bundled():
@@ -273,3 +273,19 @@ def test_prompt_templates_are_checked(tmp_path):
     source = {"synthetic": True, "prompt_template": "Q: {0}"}
     message = _error(tmp_path, _minimal(data={"format": "task", "sources": [source]}))
     assert "data.sources[0].prompt_template: '{0}' is not a column name" in message
+
+
+def test_the_byo_recipe_is_a_template_for_real_models():
+    """Your own model, text files and task file, at the paper's distillation settings rather
+    than the tiny recipe's lr 1e-3 (which wrecks a pre-trained model)."""
+    recipe = load_recipe("byo")
+    assert recipe.model.name_or_path == "./my-model" and recipe.model.config is None
+    assert recipe.data.sources[0].files and recipe.data.format == "text"
+    assert recipe.distill.data.format == "task" and recipe.distill.data.sources[0].files
+    assert recipe.distill.data.seq_len == 512
+    training = recipe.distill.training
+    assert training.lr == 5e-5 and training.schedule == "cosine"
+    assert training.micro_batch_size * training.grad_accum == 32
+    for stage in ("layerwise", "pretrain", "distill"):
+        assert getattr(recipe, stage).training.lr <= 1e-4
+    assert "REPLACE" in bundled_recipes()["byo"].read_text()

@@ -102,11 +102,22 @@ def recipe_gguf_path(recipe: Recipe, export_type: str | None = None) -> Path:
 
 def resolve_export(source: str, overrides: list[str] | None = None,
                    export_type: str | None = None, output: Path | None = None,
-                   validate: bool | None = None) -> ExportRequest:
+                   validate: bool | None = None, force: bool = True) -> ExportRequest:
     """A recipe exports its newest stage output as its `export` section says; a model
     directory (or a stage folder holding `final/`; overrides refused) exports beside itself
     as the recipe saved with it says (name, export.type; else tq2_0). Explicit arguments win
-    over both."""
+    over both. `force=False` (the command line without --force) refuses an output file that
+    exists already, as `wft convert` refuses a non-empty output directory."""
+    request = _resolve_export(source, overrides, export_type, output, validate)
+    if not force and request.output.exists() and not request.output.is_dir():
+        raise WftError(f"{request.output} exists already; wft export-gguf does not replace it "
+                       "unless told to",
+                       "pass --force to replace it, or choose another --output")
+    return request
+
+
+def _resolve_export(source: str, overrides: list[str] | None, export_type: str | None,
+                    output: Path | None, validate: bool | None) -> ExportRequest:
     export_type = export_type.lower() if export_type else None
     path = model_directory(source)
     if path is not None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wftool.commands.convert import run_convert
+from wftool.commands.plot import write_pipeline_plot
 from wftool.model.checkpoint import load_model_dir
 from wftool.recipe.schema import Recipe, ResumeSpec
 from wftool.stage_registry import STUDENT_STAGE_NAMES, final_dir, get_stage
@@ -133,6 +134,9 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
     out.write_text(json.dumps(table, indent=2))
     print_pipeline_table(table, recipe, console)
     console.print(f"results saved to {out}")
+    curves = write_pipeline_plot(out.parent)
+    if curves is not None:
+        console.print(f"loss curves: {curves}")
     return table
 
 

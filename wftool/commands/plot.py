@@ -230,7 +230,5 @@ def plot_command(
     --output also writes a PNG (needs `pip install 'wftool\\[plot]'`).
 
     RUN is a run folder, or a recipe (its run folder is `<output_dir>/<name>`).
-
-    Example: `wft plot runs/tiny`, or `wft plot tiny --output curves.png`.
     """
     plot_run(resolve_run_dir(run), output, Console())

@@ -264,10 +264,7 @@ def runs_command(
         help="The folder the runs live in (a recipe's output_dir).")] = Path("runs"),
 ) -> None:
     """List the runs under OUTPUT_DIR: each stage's steps done / planned, state, last eval,
-    size on disk and GGUF exports.
-
-    Example: `wft runs`, or `wft runs --output-dir /data/runs`.
-    """
+    size on disk and GGUF exports."""
     console = Console()
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():

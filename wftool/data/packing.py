@@ -7,6 +7,8 @@ attending to each other. Task examples put the loss on answer tokens only.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from wftool.data.sources import DocumentMixer
@@ -15,6 +17,7 @@ from wftool.recipe.fields import MAX_BATCH_TOKENS, MAX_SEQ_LEN
 
 IGNORE_INDEX = -100  # labels the loss skips
 _TOKENIZE_CHUNK = 32
+_MAX_SKIPPED_IN_A_ROW = 1000  # task examples none of which fit: seq_len is too short
 
 
 def require_eos(tokenizer, name: str | None = None, vocab_size: int | None = None) -> int:
@@ -88,27 +91,80 @@ class PackedTextStream:
 
 
 class TaskStream:
-    """Batches of prompt + answer examples, right-padded, loss on the answer only."""
+    """Batches of prompt + answer examples, right-padded, loss on the answer only.
+
+    An example longer than `seq_len` loses the start of its prompt; one whose answer (with
+    EOS, after at least one prompt token) does not fit alone is skipped, never cut. Either
+    is counted, and the first batch that had any warns once, with the fix."""
 
     def __init__(self, mixer: DocumentMixer, tokenizer, seq_len: int):
         self.mixer, self.tokenizer, self.seq_len = mixer, tokenizer, seq_len
         self.eos = require_eos(tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.seen = self.cut = self.skipped = self.longest = 0
+        self._warned = False
 
-    def encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    def fit(self, prompt: str, answer: str) -> tuple[list[int], list[int]] | None:
+        """(ids, labels) within `seq_len`, the prompt cut from the left if it must be; None
+        (counted as skipped) if the answer alone does not fit."""
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos]
-        answer_ids = answer_ids[: self.seq_len - 1]
-        keep = self.seq_len - len(answer_ids)
-        prompt_ids = prompt_ids[-keep:]  # cut long prompts from the left, keep the answer
-        ids = prompt_ids + answer_ids
-        labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        return ids, labels
+        length = len(prompt_ids) + len(answer_ids)
+        self.seen += 1
+        self.longest = max(self.longest, length)
+        if len(answer_ids) > self.seq_len - 1:  # the first answer token needs a prompt token
+            self.skipped += 1
+            return None
+        if length > self.seq_len:
+            self.cut += 1
+            prompt_ids = prompt_ids[len(prompt_ids) - (self.seq_len - len(answer_ids)):]
+        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+    def encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """One row for every example (held-out scoring): as `fit`, except that an answer too
+        long to fit keeps its first `seq_len - 1` tokens after one prompt token."""
+        fitted = self.fit(prompt, answer)
+        self.warn_if_cut()
+        if fitted is not None:
+            return fitted
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-1:]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos]
+        answer_ids = answer_ids[: self.seq_len - len(prompt_ids)]
+        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         check_batch_size(self.seq_len, batch_size)
-        examples = [self.encode(*self.mixer.next_document()) for _ in range(batch_size)]
+        examples, skipped_in_a_row = [], 0
+        while len(examples) < batch_size:
+            fitted = self.fit(*self.mixer.next_document())
+            if fitted is not None:
+                examples.append(fitted)
+                skipped_in_a_row = 0
+                continue
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= _MAX_SKIPPED_IN_A_ROW:
+                raise WftError(f"no task example fits data.seq_len {self.seq_len}: the last "
+                               f"{skipped_in_a_row} answers alone are longer (the longest "
+                               f"example is {self.longest} tokens)",
+                               f"raise data.seq_len (e.g. data.seq_len={self.longest})")
+        self.warn_if_cut()
         return collate_examples(examples, self.pad)
+
+    def warn_if_cut(self) -> None:
+        """Warn, once per stream, that examples were cut or skipped, and how to keep them."""
+        if self._warned or not (self.cut or self.skipped):
+            return
+        self._warned = True
+        done = []
+        if self.cut:
+            done.append(f"{self.cut} had the start of their prompt cut")
+        if self.skipped:
+            done.append(f"{self.skipped} were skipped (the answer alone does not fit)")
+        warnings.warn(f"task examples longer than data.seq_len {self.seq_len} tokens (prompt + "
+                      f"answer; the longest so far is {self.longest}): of {self.seen} read so "
+                      f"far, {' and '.join(done)}; raise data.seq_len (e.g. data.seq_len="
+                      f"{self.longest}; `wft eval --seq-len`) to keep them whole",
+                      UserWarning, stacklevel=3)
 
     def state_dict(self) -> dict:
         return {"mixer": self.mixer.state_dict()}
