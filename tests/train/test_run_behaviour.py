@@ -248,3 +248,19 @@ def test_a_stage_estimates_its_length_from_the_first_step(tmp_path, monkeypatch)
     run_pretrain(recipe, console)
     assert "first step 3.00 s; the other 4 take about 12 s" in console.export_text()
     assert trainer_module._duration(3725) == "1 h 02 min"
+
+
+def test_progress_shows_the_tokens_per_second_the_metrics_log_holds(tmp_path):
+    import re
+
+    path = small_recipe(tmp_path)
+    recipe = load_recipe(path, ["training.max_steps=4", "training.log_every=2"],
+                         stage="pretrain")
+    run_convert(recipe)
+    console = _console()
+    run_pretrain(recipe, console)
+    logged = {m["step"]: m["tok/s"] for m in read_metrics(
+        Path(recipe.stage_dir("pretrain")) / "metrics.jsonl")}
+    shown = {int(m.group(1)): m.group(2) for m in re.finditer(
+        r"step (\d+)/4 .*?tok/s ([\d,]+)", console.export_text())}
+    assert shown and all(shown[s] == f"{logged[s]:,.0f}" for s in shown), (shown, logged)

@@ -29,10 +29,12 @@ class ProgressDisplay:
     Piped output prints one never-wrapped line every `every` steps, at the last step, when
     eval numbers arrive, and when the phase changes.
 
-    tok/s and the ETA are rates over the last `window` steps of wall time, so one slow step
-    (an eval, a checkpoint) does not make them jump. `tokens_seen` is the cumulative token
-    count when the display starts (after a resume, the resumed count); `clock` is injectable
-    for tests.
+    The ETA is a rate over the last `window` steps of wall time, so one slow step (an eval, a
+    checkpoint) does not make it jump. tok/s is tokens over the window's training time when
+    updates carry `tokens_seen`; otherwise the caller's own `tok/s` stat as given (the
+    trainer's: its logging window's rate, the number metrics.jsonl holds). `tokens_seen` at
+    construction is the cumulative count when the display starts (after a resume, the
+    resumed count); `clock` is injectable for tests.
     """
 
     def __init__(self, title: str, total: int, start: int, every: int,
@@ -54,8 +56,7 @@ class ProgressDisplay:
         self._phase_seconds = 0.0
         self._phase_began: float | None = None
         self._first_tokens = (self._t0, tokens_seen) if tokens_seen is not None else None
-        self._ema_alpha = 2 / (max(window, 1) + 1)
-        self._rate_ema: float | None = None
+        self._rate_given: float | None = None
         self._stats: dict = {}
         self._phase: str | None = None
         self._printed_step: int | None = None
@@ -90,9 +91,7 @@ class ProgressDisplay:
             if tokens_seen is not None and self._first_tokens is None:
                 self._first_tokens = (self._samples[-1][0], tokens_seen)
             if "tok/s" in stats:
-                raw = float(stats["tok/s"])
-                self._rate_ema = raw if self._rate_ema is None else (
-                    self._ema_alpha * raw + (1 - self._ema_alpha) * self._rate_ema)
+                self._rate_given = float(stats["tok/s"])
             self.step = step
             self._stats.update(stats)
         if self._live is not None:
@@ -180,7 +179,7 @@ class ProgressDisplay:
         counted = [(t - paused, n) for t, _, n, paused in self._samples if n is not None]
         if len(counted) >= 2 and counted[-1][0] > counted[0][0]:
             return (counted[-1][1] - counted[0][1]) / (counted[-1][0] - counted[0][0])
-        return self._rate_ema
+        return self._rate_given
 
     def _eta(self) -> float | None:
         (t_first, s_first, *_), (t_last, s_last, *_) = self._samples[0], self._samples[-1]

@@ -268,12 +268,12 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 for entry in pending:
                     entry["tok/s"] = window_tokens * self.world_size / max(elapsed, 1e-9)
-                display.update(self.step, _shown(record), tokens_seen=self.tokens_seen)
+                display.update(self.step, _shown(record))  # tok/s: this window's, as logged
                 if evaluating:  # the bar reads N/N while the last step evaluates and saves
                     display.set_phase("evaluating")
                     record.update(self.evaluate())
                     display.set_phase(None)
-                    display.update(self.step, _shown(record), tokens_seen=self.tokens_seen)
+                    display.update(self.step, _shown(record))
                 self._write_metrics(pending)
                 pending = []
                 if saving:
@@ -285,7 +285,7 @@ class Trainer:
                 self.last_eval = self.evaluate()
             display.set_phase("writing final/")
             final = self.save_final()
-            display.finish(self.last_eval)
+            display.finish({**self.last_eval, "tokens": self.tokens_seen})
         finally:
             display.close()
             for sink in self.sinks:
