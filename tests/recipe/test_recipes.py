@@ -289,3 +289,23 @@ def test_the_byo_recipe_is_a_template_for_real_models():
     for stage in ("layerwise", "pretrain", "distill"):
         assert getattr(recipe, stage).training.lr <= 1e-4
     assert "REPLACE" in bundled_recipes()["byo"].read_text()
+
+
+def test_named_eval_sources_load_and_refuse_an_eval_fraction_beside_them(tmp_path):
+    val = {"files": [str(tmp_path / "val.jsonl")]}
+    recipe = load_recipe(_write(tmp_path, _minimal(
+        data={"eval": [val]},
+        distill={"data": {"format": "task", "eval": [{"dataset": "glue", "subset": "mnli",
+                                                      "split": "validation_matched"}]}})))
+    assert recipe.data.eval[0].files == val["files"] and recipe.data.holds_out
+    assert recipe.distill.data.eval[0].split == "validation_matched"
+    message = _error(tmp_path, _minimal(distill={"data": {"eval": [val],
+                                                          "eval_fraction": 0.05}}))
+    assert "distill.data:" in message and "not both" in message and "eval_fraction" in message
+    # The held-out batches of named sources count against the same memory limit.
+    message = _error(tmp_path, _minimal(data={"eval": [val], "eval_batches": 10_000,
+                                              "seq_len": 4096},
+                                        distill={"training": {"micro_batch_size": 8}}))
+    assert "data.eval_batches" in message
+    recipe = load_recipe(_write(tmp_path, _minimal(data={"eval": [val], "eval_fraction": 0.01})))
+    assert recipe.data.eval is not None  # the default value, written out, is no conflict

@@ -88,7 +88,8 @@ def run_eval(items: list[str], options: EvalOptions, console: Console) -> EvalRe
         raise WftError(
             "no held-out data to evaluate on",
             "pass --text FILE and/or --task FILE, or a recipe (or a checkpoint with its "
-            "recipe.yaml) whose data holds documents out (data.eval_fraction > 0)")
+            "recipe.yaml) whose data holds documents out (data.eval, or "
+            "data.eval_fraction > 0)")
     _quiet_datasets()
     tasks = None
     if options.lm_eval:  # an unknown task or an unreachable data set is no model's fault

@@ -187,10 +187,15 @@ def _held_out_prompts(source: Path, tokenizer, n: int, max_tokens: int) -> list[
     if not (source / "recipe.yaml").exists():
         return []
     data = load_recipe(str(source / "recipe.yaml")).data
-    local = [s for s in data.sources if s.synthetic or s.files]
-    if data.format != "text" or data.eval_fraction <= 0 or not local:
+
+    def local(sources):  # never a download while exporting
+        return [s for s in sources or [] if s.synthetic or s.files]
+
+    held_out = local(data.eval) if data.eval else local(data.sources)
+    if data.format != "text" or not data.holds_out or not held_out:
         return []
-    mixer = DocumentMixer(data.model_copy(update={"sources": local}), "eval")
+    update = {"eval": held_out} if data.eval else {"sources": held_out}
+    mixer = DocumentMixer(data.model_copy(update=update), "eval")
     prompts = []
     for _ in range(n):
         ids = tokenizer(mixer.next_document(), add_special_tokens=False)["input_ids"]

@@ -3,7 +3,9 @@
 Each source is read by index (`Reader.iter_from(start)`), so a run's data position is just a
 number per source and resuming replays exactly the documents an uninterrupted run would see.
 Documents are held out for evaluation by the row they come from (so a reshuffled second
-epoch never trains on a held-out row), and split between ranks by index.
+epoch never trains on a held-out row), and split between ranks by index. A data section
+that names its held-out sources (`data.eval`) trains on every row of `sources` instead, and
+evaluates on those sources, each read once in row order (`eval_documents`).
 """
 
 from __future__ import annotations
@@ -201,17 +203,22 @@ class DocumentMixer:
         self, spec: DataSpec, split: str = "train", rank: int = 0, world_size: int = 1,
         readers: list[Reader] | None = None,
     ):
-        self.sources = spec.sources
-        self.readers = readers or [open_reader(s, spec.format, spec.seed) for s in spec.sources]
-        weights = np.array([s.weight for s in spec.sources], dtype=np.float64)
+        named = spec.eval is not None  # held-out sources of their own: nothing to hold out
+        self.sources = spec.eval if named and split == "eval" else spec.sources
+        self.readers = readers or [open_reader(s, spec.format, spec.seed) for s in self.sources]
+        weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         self.weights = weights / weights.sum()
-        self.holdout_every = round(1 / spec.eval_fraction) if spec.eval_fraction > 0 else 0
+        self.holdout_every = (round(1 / spec.eval_fraction)
+                              if spec.eval_fraction > 0 and not named else 0)
+        self.named_eval = named
         self.split, self.rank, self.world_size = split, rank, world_size
         self.rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1, rank])
         self.positions = [0] * len(self.readers)
         self._iterators: list[Iterator | None] = [None] * len(self.readers)
 
     def _wanted(self, index: int, row: int) -> bool:
+        if self.named_eval and self.split == "eval":
+            return True
         held_out = self.holdout_every > 0 and row % self.holdout_every == 0
         if self.split == "eval":
             return held_out
@@ -243,7 +250,8 @@ class DocumentMixer:
 
     def _none_wanted(self, choice: int) -> None:
         source = _describe(self.sources[choice]) if choice < len(self.sources) else "data"
-        held = (f"eval_fraction holds out every {self.holdout_every}th row"
+        held = ("data.eval names the held-out sources" if self.named_eval
+                else f"eval_fraction holds out every {self.holdout_every}th row"
                 if self.holdout_every else "eval_fraction is 0: nothing is held out")
         whose = f" for rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
         raise WftError(f"data source {source} has no {self.split} documents{whose} ({held})",
@@ -256,3 +264,22 @@ class DocumentMixer:
         self.rng.bit_generator.state = state["rng"]
         self.positions = list(state["positions"])
         self._iterators = [None] * len(self.readers)
+
+
+def eval_documents(spec: DataSpec) -> Iterator[Document]:
+    """The documents of a data section's named held-out sources (`spec.eval`): each source
+    read once, one after the other, in row order (synthetic: without end). Empty text
+    documents are left out: they hold no tokens to score."""
+    for source in spec.eval or []:
+        reader = open_reader(source, spec.format, spec.seed)
+        if isinstance(reader, TableReader):
+            records = (reader.table[i] for i in range(len(reader.table)))
+        elif isinstance(reader, StreamReader):
+            records = iter(reader.stream)
+        else:
+            yield from (document for _, _, document in reader.iter_from(0))
+            return
+        for record in records:
+            document = reader.row_to_document(record)
+            if spec.format == "task" or document:
+                yield document

@@ -11,16 +11,26 @@ Each document is scored at most once. A recipe's eval split is drawn by the mixe
 evaluates with (same order, so the first `data.eval_batches` batches are training's), but
 read once: the training readers repeat a finite source forever, and a second epoch would
 bring rows that are not even held out (each epoch reshuffles which rows the held-out
-indices land on).
+indices land on). A recipe that names its held-out sources (`data.eval`) is scored on
+those, each read once in row order (`wftool.data.sources.eval_documents`); training's
+in-training eval takes its batches from here too, so both score the same batches.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 from wftool.data.packing import IGNORE_INDEX, TaskStream, collate_examples, require_eos
-from wftool.data.sources import DocumentMixer, Reader, StreamReader, TableReader, open_reader
+from wftool.data.sources import (
+    DocumentMixer,
+    Reader,
+    StreamReader,
+    TableReader,
+    eval_documents,
+    open_reader,
+)
 from wftool.errors import WftError
 from wftool.recipe.schema import DataSource, DataSpec, Recipe
 from wftool.train.evaluation import judged_answers
@@ -110,13 +120,21 @@ class _OnePass(Reader):
 def _eval_split(data: DataSpec, tokenizer, rows: int, seq_len: int | None) -> tuple[list, bool]:
     """(documents, whether the split ended): the eval split's documents in the order training
     evaluates on them, until they fill `rows` packed rows of `seq_len` tokens (text) or make
-    `rows` examples (task: `seq_len` None), or every held-out document was drawn once."""
-    readers = [_OnePass(open_reader(source, data.format, data.seed)) for source in data.sources]
-    mixer = DocumentMixer(data, "eval", readers=readers)
+    `rows` examples (task: `seq_len` None), or every held-out document was drawn once.
+    Named held-out sources (`data.eval`) are read in their own order, source by source."""
+    if data.eval is not None:
+        draw = functools.partial(next, eval_documents(data), None)
+    else:
+        readers = [_OnePass(open_reader(source, data.format, data.seed))
+                   for source in data.sources]
+        draw = DocumentMixer(data, "eval", readers=readers).next_document
     documents, tokens = [], 0
     try:
         while (tokens < rows * seq_len) if seq_len else (len(documents) < rows):
-            documents.append(mixer.next_document())
+            document = draw()
+            if document is None:
+                raise _PassEnded
+            documents.append(document)
             if seq_len:  # the document's tokens and the EOS packing puts after it
                 tokens += len(tokenizer(documents[-1], add_special_tokens=False)["input_ids"]) + 1
     except _PassEnded:
@@ -131,7 +149,7 @@ def heldout_sets(recipe: Recipe | None, text: Path | None = None, task: Path | N
     from_recipe: dict[str, tuple[str, DataSpec]] = {}
     if recipe is not None:
         for section, data in (("data", recipe.data), ("distill.data", recipe.distill.data)):
-            if data is not None and data.eval_fraction > 0:
+            if data is not None and data.holds_out:
                 from_recipe.setdefault(data.format, (section, data))
     sets = []
     for kind, file in (("text", text), ("task", task)):
@@ -140,7 +158,8 @@ def heldout_sets(recipe: Recipe | None, text: Path | None = None, task: Path | N
         if file is not None:
             sets.append(HeldOutSet(kind, str(file), length, file=Path(file)))
         elif data is not None:
-            sets.append(HeldOutSet(kind, f"{recipe.name}: {section} (eval split)", length,
+            split = "eval" if data.eval is not None else "eval split"
+            sets.append(HeldOutSet(kind, f"{recipe.name}: {section} ({split})", length,
                                    data=data.model_copy(update={"seq_len": length})))
     return sets
 

@@ -69,7 +69,7 @@ def _check_tokens(training_key: str, training: TrainingSpec, data_key: str,
             f"{training.micro_batch_size} rows x {data_key}.seq_len {data.seq_len} = "
             f"{tokens:,} tokens per micro-batch, over {MAX_BATCH_TOKENS:,}; lower it and "
             "raise grad_accum", training.micro_batch_size)
-    held = tokens * data.eval_batches if data.eval_fraction > 0 else 0
+    held = tokens * data.eval_batches if data.holds_out else 0
     if held > MAX_EVAL_TOKENS:
         raise field_error(
             f"{data_key}.eval_batches",

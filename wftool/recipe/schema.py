@@ -146,6 +146,9 @@ class DataSource(Section):
         return self
 
 
+_DEFAULT_EVAL_FRACTION = 0.01
+
+
 class DataSpec(Section):
     format: Literal["text", "task"] = Field(
         "text",
@@ -156,9 +159,19 @@ class DataSpec(Section):
         default_factory=lambda: [DataSource(synthetic=True)], min_length=1)
     seq_len: Int = Field(512, ge=2, le=MAX_SEQ_LEN,
                          description="Tokens per row (at most the model's context).")
+    eval: list[DataSource] | None = Field(
+        None, min_length=1,
+        description="Held-out data named by the user (e.g. `[{files: [val.jsonl]}]`, or a "
+        "hub data set with `split: validation`), in `format`: in-training eval, the "
+        "`wft pipeline` table and `wft eval RECIPE` score these sources, read once, source by "
+        "source in row order, up to `eval_batches` batches; training then uses every row of "
+        "`sources`. Unset: the automatic split (`eval_fraction`). Setting both is an error.",
+    )
     eval_fraction: Float = Field(
-        0.01, ge=0.0, le=0.5,
-        description="Share of documents held out for evaluation (0, or 0.001 to 0.5).",
+        _DEFAULT_EVAL_FRACTION, ge=0.0, le=0.5,
+        description="Without `eval`: share of documents held out for evaluation (0, or 0.001 "
+        "to 0.5): every round(1/eval_fraction)-th document of the training sources, by "
+        "source row, never trained on. Not allowed beside `eval`.",
     )
     eval_batches: Int = Field(8, ge=1, le=10_000, description="Batches in each evaluation.")
     seed: Seed = 0
@@ -170,6 +183,20 @@ class DataSpec(Section):
         if 0 < fraction < 0.001:
             raise ValueError("must be 0 (no evaluation) or at least 0.001")
         return fraction
+
+    @model_validator(mode="after")
+    def _one_held_out_set(self) -> DataSpec:
+        if self.eval is not None and self.eval_fraction != _DEFAULT_EVAL_FRACTION:
+            raise ValueError(
+                "set `eval` (named held-out sources) or `eval_fraction` (an automatic split "
+                "of `sources`), not both: with `eval`, training uses every row of `sources`; "
+                "remove eval_fraction")
+        return self
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether this section has held-out data: named `eval` sources or a split."""
+        return self.eval is not None or self.eval_fraction > 0
 
 
 class TrainingSpec(Section):

@@ -18,7 +18,17 @@ from wftool.train.objectives import causal_lm_loss
 
 
 def eval_batches(data: DataSpec, tokenizer, batch_size: int) -> list[dict]:
-    """The fixed held-out batches of a data section (empty if nothing is held out)."""
+    """The fixed held-out batches of a data section (empty if nothing is held out).
+
+    Named held-out sources (`data.eval`) give the batches `wft eval RECIPE` scores (each
+    document once, at most `data.eval_batches` batches); the automatic split is drawn from
+    the eval stream of the training sources."""
+    if data.eval is not None:
+        # Imported here: wftool.eval.heldout builds on this module.
+        from wftool.eval.heldout import HeldOutSet
+
+        held = HeldOutSet(data.format, "data.eval", data.seq_len, data=data)
+        return held.batches(tokenizer, batch_size).batches
     if data.eval_fraction <= 0:
         return []
     stream = build_stream(data, tokenizer, "eval", 0, 1)
