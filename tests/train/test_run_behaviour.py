@@ -247,7 +247,10 @@ def test_a_stage_estimates_its_length_from_the_first_step(tmp_path, monkeypatch)
     console = _console()
     run_pretrain(recipe, console)
     assert "first step 3.00 s; the other 4 take about 12 s" in console.export_text()
-    assert trainer_module._duration(3725) == "1 h 02 min"
+    from wftool.train.progress import format_duration
+
+    assert [format_duration(t) for t in (4.24, 37, 125, 3725)] == [
+        "4.2 s", "37 s", "2 min 05 s", "1 h 02 min"]
 
 
 def test_progress_shows_the_tokens_per_second_the_metrics_log_holds(tmp_path):

@@ -363,11 +363,11 @@ def _models_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) 
 
 
 def _cell(key: str, row: dict) -> str:
+    if key == "task_accuracy":
+        return accuracy_cell(row)  # "-" when there is none
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "task_accuracy":
-        return accuracy_cell(row)
     if "loss" in key or ":" in key:
         return f"{value:.4f}"
     return f"{value:.3f}"

@@ -25,6 +25,7 @@ from wftool.train.evaluation import (
     majority_floor,
 )
 from wftool.train.metrics import read_metrics
+from wftool.train.progress import format_duration
 from wftool.train.stages import refuse_random_teacher, run_pretrain
 
 
@@ -190,15 +191,15 @@ def print_pipeline_table(rows: list[dict], recipe: Recipe, console: Console) -> 
 
 
 def _cell(key: str, row: dict) -> str:
+    if key == "task_accuracy":
+        return accuracy_cell(row)  # "-" when there is none
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "task_accuracy":
-        return accuracy_cell(row)
     if key == "tokens":
         return _count(value)
     if key == "seconds":
-        return _duration(value) + (" *" if row.get("reused") else "")
+        return format_duration(value) + (" *" if row.get("reused") else "")
     return f"{value:.3f}" if "loss" in key else f"{value:.2f}"
 
 
@@ -207,10 +208,3 @@ def _count(tokens: int) -> str:
         if tokens >= size:
             return f"{tokens / size:.1f}{unit}"
     return str(tokens)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"

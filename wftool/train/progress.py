@@ -269,6 +269,15 @@ def _by_priority(stats: dict) -> list[tuple[str, object]]:
     return sorted(stats.items(), key=lambda item: rank(item[0]))
 
 
+def format_duration(seconds: float) -> str:
+    """A length of time for people: 4.2 s, 37 s, 2 min 05 s, 1 h 02 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
 def _clock_text(seconds: float | None) -> str:
     if seconds is None:
         return "-:--:--"

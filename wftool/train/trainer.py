@@ -34,7 +34,7 @@ from wftool.train.checkpointing import CheckpointManager, CorruptCheckpoint
 from wftool.train.evaluation import eval_batches, evaluate_model
 from wftool.train.hooks import QuantWarmup, StepHook
 from wftool.train.metrics import MetricsLog, WandbSink, peak_memory_gb
-from wftool.train.progress import ProgressDisplay
+from wftool.train.progress import ProgressDisplay, format_duration
 from wftool.train.objectives import Objective
 from wftool.train.optim import build_optimizers, build_schedulers
 from wftool.train.precision import Precision, resolve_precision
@@ -336,7 +336,7 @@ class Trainer:
         remaining = self.spec.max_steps - self.step - 1  # after this first one
         if remaining > 0:
             self._say(f"{self.run.stage}: first step {first_step:.2f} s; the other "
-                      f"{remaining} take about {_duration(first_step * remaining)} plus "
+                      f"{remaining} take about {format_duration(first_step * remaining)} plus "
                       "evaluation and checkpoints (the first step includes warm-up, so this "
                       "errs long)")
 
@@ -419,14 +419,6 @@ class Trainer:
         if self.console is not None and self.rank == 0:
             self.console.print(text, soft_wrap=True)  # piped logs keep one line per message
 
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def _shown(record: dict) -> dict:
