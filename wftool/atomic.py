@@ -21,10 +21,11 @@ def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}")
 
 
-def remove_leftovers(path: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> None:
-    """Remove what a killed writer of `path` left beside it (`.<name>.tmp-*`, `.old-*`). An
-    `.old-*` copy with no `path` (a kill between the two renames of a replacement) is put
-    back instead."""
+def remove_leftovers(path: Path, kinds: tuple[str, ...] = ("tmp", "old", "del")) -> None:
+    """Remove what a killed writer of `path` left beside it (`.<name>.tmp-*`, `.old-*`,
+    `.del-*`). An `.old-*` copy with no `path` (a kill between the two renames of a
+    replacement) is put back instead; a copy being deleted is renamed `.del-*` first, so a
+    half-deleted one is never put back."""
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():

@@ -4,6 +4,7 @@ checkpoint used, a full disk loses nothing, and what a killed run left is cleane
 import errno
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,11 +140,22 @@ def test_what_a_killed_run_left_is_removed_and_pruning_marks_first(tmp_path):
     remove_leftovers(stage / "final")
     assert sorted(p.name for p in stage.iterdir() if "step" in p.name or p.name.startswith(
         ".final")) == ["step-4"]
-    # A kill between the two renames of a replacement: the old copy is put back.
+    # A kill between the two renames of a replacement: the old copy is put back...
     final = stage / "final"
     final.rename(stage / ".final.old-5678abcd")
     remove_leftovers(final)
     assert (final / "config.json").exists()
+    # ... but a copy already being deleted never is.
+    (stage / ".final.del-1111aaaa").mkdir()
+    (stage / ".final.del-1111aaaa" / "config.json").write_text("{}")
+    shutil.rmtree(final)
+    remove_leftovers(final)
+    assert not final.exists() and not list(stage.glob(".final.*"))
+    # A step being replaced, killed between removing the old copy and the rename: the new
+    # complete copy is moved into place, not thrown away.
+    (stage / "step-4").rename(stage / ".step-4.partial")
+    CheckpointManager(stage)
+    assert (stage / "step-4" / COMPLETE).exists() and not (stage / ".step-4.partial").exists()
 
 
 def test_non_finite_weights_and_bad_metadata_are_refused(tmp_path):

@@ -66,7 +66,10 @@ def replace_directory(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first: a half-deleted copy must never look like one to restore.
+        trash = temporary_sibling(final, "del")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_model_dir(

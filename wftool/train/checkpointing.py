@@ -117,8 +117,15 @@ def _read_json(path: Path) -> dict:
 def _read_legacy(path: Path) -> dict:
     """A `.pt` state file from before JSON state: tensors and numpy arrays only, never
     arbitrary code (weights_only with numpy's array types allowed)."""
-    allowed = [np.ndarray, np.dtype, np._core.multiarray._reconstruct,
-               type(np.dtype(np.uint32))]
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
+    rebuild = multiarray._reconstruct
+    # Files pickled under either numpy major version name the function by its own path.
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), rebuild,
+               (rebuild, "numpy.core.multiarray._reconstruct"),
+               (rebuild, "numpy._core.multiarray._reconstruct")]
     with torch.serialization.safe_globals(allowed):
         state = torch.load(path, weights_only=True)
     rng = state.get("rng")
@@ -161,7 +168,11 @@ class CheckpointManager:
         if not self.stage_dir.is_dir():
             return
         for path in self.stage_dir.glob(".step-*.partial"):
-            shutil.rmtree(path, ignore_errors=True)
+            final = self.stage_dir / path.name[1:].removesuffix(".partial")
+            if (path / COMPLETE).exists() and not final.exists():
+                os.replace(path, final)  # killed between replacing a step and the rename
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         for path in self.stage_dir.glob("step-*"):
             if path.is_dir() and not (path / COMPLETE).exists():
                 shutil.rmtree(path, ignore_errors=True)
