@@ -77,3 +77,51 @@ def test_wandb_sink_without_wandb_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(WftError, match="wandb is not installed"):
         WandbSink("p", "n", {}, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ---- TensorBoard ------------------------------------------------------------------------------
+
+def _tensorboard_scalars(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_tensorboard_holds_the_metrics_log_across_a_kill_and_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    import shutil
+    from pathlib import Path
+
+    from tests.train.conftest import small_recipe
+    from wftool.commands.convert import run_convert
+    from wftool.recipe import load_recipe
+    from wftool.train.stages import run_pretrain
+
+    path = small_recipe(tmp_path, logging={"tensorboard": True})
+    recipe = load_recipe(path, stage="pretrain")
+    run_convert(recipe)
+    run_pretrain(recipe)
+    stage = Path(recipe.stage_dir("pretrain"))
+    # Killed after step 4's checkpoint: steps 5 and 6 were logged, their checkpoint lost.
+    shutil.rmtree(stage / "final")
+    shutil.rmtree(stage / "step-6")
+    run_pretrain(load_recipe(path, ["training.lr=5e-4"], stage="pretrain"))
+    logged = [(m["step"], m["loss"]) for m in read_metrics(stage / "metrics.jsonl")]
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]
+    board = _tensorboard_scalars(stage / "tensorboard", "loss")
+    # One value per step, the resumed run's (other lr) for 5 and 6, as in metrics.jsonl.
+    assert [s for s, _ in board] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+    evals = _tensorboard_scalars(stage / "tensorboard", "eval_loss")
+    assert [s for s, _ in evals] == [3, 6]
+
+
+def test_tensorboard_sink_without_tensorboard_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    from wftool.train.metrics import TensorBoardSink
+
+    with pytest.raises(WftError, match="tensorboard is not installed") as err:
+        TensorBoardSink(tmp_path / "tb")
+    assert "wftool[tensorboard]" in err.value.hint

@@ -231,6 +231,8 @@ class TeacherTraining(Section):
 
 class LoggingSpec(Section):
     wandb: bool = Field(False, description="Also log to Weights & Biases (extra: wandb).")
+    tensorboard: bool = Field(
+        False, description="Also log to TensorBoard, in <stage>/tensorboard/ (extra: tensorboard).")
     project: str = "wft"
     run_name: str | None = Field(None, description="Default: <name>-<stage>-<timestamp>.")
 

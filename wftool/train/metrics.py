@@ -1,5 +1,5 @@
-"""Where training metrics go: a JSONL file always, and W&B when enabled (the terminal's
-progress line is `wftool.train.progress`)."""
+"""Where training metrics go: a JSONL file always, W&B and TensorBoard when enabled (the
+terminal's progress line is `wftool.train.progress`)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,33 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+
+
+class TensorBoardSink:
+    """Logs numeric records as TensorBoard scalars under `log_dir` (the stage's `tensorboard/`).
+    A resumed run writes a purge marker at its first step, so TensorBoard drops what the
+    interrupted run logged past the checkpoint and the curve reads as one run."""
+
+    def __init__(self, log_dir: Path, resume_step: int | None = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise WftError(
+                "logging.tensorboard is enabled but tensorboard is not installed",
+                "pip install 'wftool[tensorboard]', or set logging.tensorboard=false",
+            ) from None
+        purge = resume_step + 1 if resume_step is not None else None
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -33,7 +33,7 @@ from wftool.recipe.schema import DataSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.train.checkpointing import CheckpointManager, CorruptCheckpoint
 from wftool.train.evaluation import eval_batches, evaluate_model
 from wftool.train.hooks import QuantWarmup, StepHook
-from wftool.train.metrics import MetricsLog, WandbSink, peak_memory_gb
+from wftool.train.metrics import MetricsLog, TensorBoardSink, WandbSink, peak_memory_gb
 from wftool.train.progress import ProgressDisplay, format_duration
 from wftool.train.objectives import Objective
 from wftool.train.optim import build_optimizers, build_schedulers
@@ -151,6 +151,8 @@ class Trainer:
                 name = logging.run_name or f"{run.recipe.name}-{run.stage}"
                 self.sinks.append(WandbSink(logging.project, name,
                                             run.recipe.model_dump(mode="json"), run.output_dir))
+            if logging.tensorboard:
+                self.sinks.append(TensorBoardSink(run.output_dir / "tensorboard", resumed))
         self._say(self._header())
         warmup = next((h for h in self.hooks if isinstance(h, QuantWarmup)), None)
         fresh_convert = run.meta is not None and run.meta.stage == "convert"
