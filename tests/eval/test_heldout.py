@@ -13,6 +13,7 @@ from wftool.errors import WftError
 from wftool.eval.heldout import HeldOutSet, file_documents, judged_examples, same_tokens
 from wftool.recipe.schema import DataSource, DataSpec
 from wftool.train.evaluation import (
+    accuracy_basis,
     accuracy_cell,
     accuracy_notes,
     answer_accuracy,
@@ -170,3 +171,15 @@ def test_majority_floor_is_the_accuracy_of_always_answering_the_most_frequent_an
     assert tie_note == ("tie: one-class and also one-class score the same task accuracy "
                         "(70.0 %, 7 of 10 examples)")
     assert accuracy_notes(rows[3:]) == []
+
+
+def test_accuracy_basis_is_said_once_only_when_every_row_shares_it():
+    same = [{"task_accuracy": 0.9, "examples": 512, "majority_accuracy": 0.555},
+            {"task_accuracy": 1.0, "examples": 512, "majority_accuracy": 0.555},
+            {"task_accuracy": None}]
+    assert accuracy_basis(same) == ("task acc %: 512 examples judged; majority-class floor "
+                                    "55.5 %")
+    assert [accuracy_cell(r, shared=True) for r in same] == ["90.0", "100.0", "-"]
+    other = same + [{"task_accuracy": 0.5, "examples": 10, "majority_accuracy": 0.7}]
+    assert accuracy_basis(other) is None
+    assert accuracy_cell(other[-1]) == "50.0 (n=10, floor 70.0)"

@@ -45,7 +45,8 @@ def test_pipeline_runs_every_stage_and_reports_a_table(tmp_path):
         assert trained[label] == json.loads(last)["tokens"] > 0, label
     shown = " ".join(result.output.split())
     floor = table[0]["majority_accuracy"]
-    assert f"(n={table[0]['examples']}, floor {100 * floor:.1f})" in shown
+    assert (f"{table[0]['examples']} examples judged; majority-class floor "
+            f"{100 * floor:.1f} %") in shown
     assert "tokens" in shown and "time" in shown
     assert "BitNet-SFT baseline" in result.output
     # The distill teacher is the fine-tuned one the pipeline trained.
@@ -70,3 +71,51 @@ def test_pretrain_command_runs_with_overrides(tmp_path):
     assert "small/pretrain step 2/2" in result.output  # plain progress line off a terminal
     metrics = (tmp_path / "runs" / "small" / "pretrain" / "metrics.jsonl").read_text()
     assert len(metrics.splitlines()) == 2
+
+
+def test_pipeline_table_keeps_model_names_on_an_80_column_terminal(tmp_path):
+    from rich.console import Console
+
+    from wftool.commands.pipeline import print_pipeline_table
+    from wftool.recipe import load_recipe
+
+    rows = [{"model": name, "text_loss": 1.6663, "text_ppl": 5293.5, "task_loss": 0.0045,
+             "task_accuracy": 0.998, "examples": 512, "majority_accuracy": 0.555,
+             "tokens": 409_600, "seconds": 321.4, "reused": False}
+            for name in ("student after convert (SubLN, no training)", "BitDistill student")]
+    console = Console(record=True, width=80, file=open("/dev/null", "w"))
+    print_pipeline_table(rows, load_recipe(small_recipe(tmp_path)), console)
+    shown = console.export_text()
+    assert max(len(line) for line in shown.splitlines()) <= 80
+    words = " ".join(shown.replace("│", " ").split())  # cells folded across lines
+    for word in ("BitDistill", "student", "convert", "(SubLN,", "5293.50", "99.8", "5 min 21 s",
+                 "409.6k", "512 examples judged; majority-class floor 55.5 %"):
+        assert word in words, word
+
+
+def test_text_pipeline_has_the_original_model_and_a_same_token_bitnet_arm(tmp_path):
+    """Without a task: the source model as the teacher row, and BitNet-SFT trained on as many
+    tokens as layerwise and pretrain together (here 4 + 6 steps of 4 x 32 tokens)."""
+    from tests.train.conftest import save_small_model
+
+    source = save_small_model(tmp_path / "source")
+    recipe = small_recipe(tmp_path, stages=["convert", "layerwise", "pretrain"])
+    overrides = [f"model.name_or_path={source}", "model.config=null", "model.tokenizer=null",
+                 "layerwise.training.max_steps=4"]
+    result = CliRunner().invoke(app, ["pipeline", recipe, *overrides])
+    assert result.exit_code == 0, result.output
+    runs = tmp_path / "runs" / "small"
+    table = {row["model"]: row for row in json.loads((runs / "pipeline.json").read_text())}
+    assert list(table) == ["teacher (FP, original)", "student after convert",
+                           "student after layerwise", "student after pretrain",
+                           "BitNet-SFT (no SubLN, no layerwise)"]
+    baseline = table["BitNet-SFT (no SubLN, no layerwise)"]
+    assert baseline["tokens"] == (4 + 6) * 4 * 32
+    assert baseline["tokens"] == (table["student after layerwise"]["tokens"]
+                                  + table["student after pretrain"]["tokens"])
+    assert table["teacher (FP, original)"]["tokens"] is None
+    assert "task_accuracy" not in baseline
+    from wftool.model.checkpoint import read_metadata
+
+    assert read_metadata(runs / "baseline" / "convert").sub_norm == "none"
+    assert read_metadata(runs / "convert" / "final").sub_norm == "paper"

@@ -230,3 +230,46 @@ def test_teacher_directory_loads_in_the_recipe_teacher_dtype(tmp_path):
     assert family.name == "llama" and as_saved.dtype == torch.float32
     assert {p.dtype for p in halved.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in halved.parameters())
+
+
+def test_layerwise_reports_its_own_objective_on_held_out_data(recipe_file, tmp_path):
+    """eval_hidden is the hidden-state loss of the student against the teacher on the eval
+    batches, computed as training computes it; next-token numbers are shown as such."""
+    from rich.console import Console
+
+    from tests.train.conftest import save_small_model
+    from wftool.data.packing import model_inputs
+    from wftool.model.checkpoint import load_model_dir
+    from wftool.train.evaluation import eval_batches, evaluate_model
+    from wftool.train.objectives import LayerwiseDistillation, hidden_state_loss, layer_weights
+    from wftool.train.stages import load_teacher
+
+    teacher_dir = save_small_model(tmp_path / "teacher")
+    recipe = load_recipe(recipe_file, [f"teacher.name_or_path={teacher_dir}"])
+    run_convert(recipe)
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))
+    result = run_layerwise(recipe, console)
+    evals = [m for m in read_metrics(_stage_dir(recipe, "layerwise") / "metrics.jsonl")
+             if "eval_hidden" in m]
+    assert [m["step"] for m in evals] == [3, 6] and all(m["eval_hidden"] > 0 for m in evals)
+    summary = console.export_text()
+    assert "eval_hidden" in summary and "next-token eval_loss" in summary
+
+    student, tokenizer, _ = load_model_dir(result.final_dir)
+    teacher, _ = load_teacher(teacher_dir)
+    batches = eval_batches(recipe.data, tokenizer, recipe.layerwise.training.micro_batch_size)
+    objective = LayerwiseDistillation(teacher, recipe.layerwise, 2)
+    got = evaluate_model(student, batches, task=False, held_out=objective.held_out)
+    total = weight = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            inputs = model_inputs(batch)
+            s = student(**inputs, output_hidden_states=True).hidden_states[1:]
+            t = teacher(**inputs, output_hidden_states=True).hidden_states[1:]
+            n = int(batch["labels"][:, 1:].ne(-100).sum())
+            total += n * float(hidden_state_loss(list(s), list(t), layer_weights(2, "linear"),
+                                                 recipe.layerwise.normalize,
+                                                 batch.get("attention_mask")))
+            weight += n
+    assert got["eval_hidden"] == pytest.approx(total / weight, rel=1e-4)
+    assert got["eval_hidden"] == pytest.approx(evals[-1]["eval_hidden"], rel=1e-3)

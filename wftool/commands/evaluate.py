@@ -47,7 +47,13 @@ from wftool.eval.heldout import (
 )
 from wftool.eval.targets import EvalTarget, resolve_sources
 from wftool.model.loading import resolve_device
-from wftool.train.evaluation import accuracy_cell, accuracy_notes, majority_floor
+from wftool.train.evaluation import (
+    accuracy_cell,
+    accuracy_notes,
+    accuracy_basis,
+    majority_floor,
+    MODEL_MIN_WIDTH,
+)
 
 LM_EVAL_MAX_LENGTH = 2048  # longest sequence lm-eval scores (llama.cpp keeps all its logits)
 
@@ -321,7 +327,7 @@ def save_report(report: EvalReport, path: Path) -> None:
 
 
 HELD_OUT_COLUMNS = (("text loss", "text_loss"), ("text ppl", "text_ppl"),
-                    ("task loss", "task_loss"), ("task acc % (n, floor)", "task_accuracy"))
+                    ("task loss", "task_loss"), ("task acc %", "task_accuracy"))
 
 
 def print_eval_table(report: EvalReport, console: Console) -> None:
@@ -331,6 +337,9 @@ def print_eval_table(report: EvalReport, console: Console) -> None:
     if shown:
         table = _models_table("wft eval (held-out data)", report.models, shown)
         console.print(table)
+        basis = accuracy_basis(report.models)
+        if basis:
+            console.print(basis, highlight=False)
         for s in report.sets:
             count = ("all " if s["complete"] else "") + f"{s['documents']:,} " + (
                 f"examples ({s['examples']:,} judged)" if s["kind"] == "task" else "documents")
@@ -353,18 +362,31 @@ def print_eval_table(report: EvalReport, console: Console) -> None:
 
 def _models_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> Table:
     table = Table(title=title, title_justify="left")
-    table.add_column("model", overflow="fold")
+    table.add_column("model", overflow="fold", min_width=MODEL_MIN_WIDTH)
     table.add_column("weights", no_wrap=True)
-    for name, _ in columns:
+    for name in eval_titles(rows, columns):
         table.add_column(name, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(row["model"], row["weights"], *(_cell(k, row) for _, k in columns))
+        table.add_row(row["model"], row["weights"], *eval_cells(row, rows, columns))
     return table
 
 
-def _cell(key: str, row: dict) -> str:
-    if key == "task_accuracy":
-        return accuracy_cell(row)  # "-" when there is none
+def eval_titles(rows: list[dict], columns=HELD_OUT_COLUMNS) -> list[str]:
+    """Column titles; the accuracy's adds "(n, floor)" when rows were judged on different
+    examples (else `accuracy_basis` says them once under the table)."""
+    shared = accuracy_basis(rows) is not None
+    return [f"{name} (n, floor)" if key == "task_accuracy" and not shared else name
+            for name, key in columns]
+
+
+def eval_cells(row: dict, rows: list[dict], columns=HELD_OUT_COLUMNS) -> list[str]:
+    """A report row's numbers as the table prints them (the README's generated table too)."""
+    shared = accuracy_basis(rows) is not None
+    return [accuracy_cell(row, shared) if key == "task_accuracy" else eval_cell(key, row)
+            for _, key in columns]
+
+
+def eval_cell(key: str, row: dict) -> str:
     value = row.get(key)
     if value is None:
         return "-"

@@ -15,11 +15,14 @@ from rich.table import Table
 from wftool.commands.convert import run_convert
 from wftool.commands.plot import write_pipeline_plot
 from wftool.model.checkpoint import load_model_dir
-from wftool.recipe.schema import Recipe, ResumeSpec
+from wftool.model.loading import load_source_model
+from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.stage_registry import STUDENT_STAGE_NAMES, final_dir, get_stage
 from wftool.train.evaluation import (
     accuracy_cell,
     accuracy_notes,
+    accuracy_basis,
+    MODEL_MIN_WIDTH,
     eval_batches,
     evaluate_model,
     majority_floor,
@@ -36,10 +39,11 @@ class PipelineRow:
     the tokens it trained on."""
 
     label: str
-    path: Path
+    path: Path | str
     seconds: float
     tokens: int | None
     reused: bool = False
+    source: ModelSpec | None = None  # a source model, loaded as `convert` loads it
 
 
 def _trained_row(label: str, final: Path, start: float) -> PipelineRow:
@@ -103,6 +107,42 @@ def _baseline(recipe: Recipe, console: Console) -> PipelineRow:
     return _trained_row("BitNet-SFT baseline", result.final_dir, start)  # convert included
 
 
+def _text_baseline(recipe: Recipe, console: Console) -> PipelineRow:
+    """BitNet-SFT for a recipe without a task: convert without SubLN, then continued
+    pre-training (CE) with the pretrain settings on as many tokens as layerwise and pretrain
+    get together, from the same data: what BitDistill's first two stages are compared with."""
+    root = Path(recipe.output_dir) / recipe.name / "baseline"
+    console.rule("baseline: BitNet-SFT (no SubLN, no layerwise, same tokens)")
+    start = time.perf_counter()
+    training = same_token_budget(recipe)
+    plain = recipe.model_copy(update={
+        "convert": recipe.convert.model_copy(update={"sub_norm": "none",
+                                                     "output": str(root / "convert")}),
+        "pretrain": recipe.pretrain.model_copy(update={"training": training}),
+    })
+    if not (root / "convert" / "config.json").exists():
+        run_convert(plain, force=True)
+    result = run_pretrain(plain, console, output_dir=root / "sft", stage_label="baseline",
+                          init=root / "convert", training=training, quantize=True,
+                          training_key="pretrain.training", resume=ResumeSpec(),
+                          resume_key=None)
+    return _trained_row("BitNet-SFT (no SubLN, no layerwise)", result.final_dir, start)
+
+
+def same_token_budget(recipe: Recipe) -> TrainingSpec:
+    """The pretrain settings with max_steps raised to the tokens layerwise and pretrain
+    train on together (rounded up to whole steps)."""
+    def per_step(training: TrainingSpec, data: DataSpec | None) -> int:
+        return training.micro_batch_size * training.grad_accum * (data or recipe.data).seq_len
+
+    budget = sum(per_step(getattr(recipe, s).training, getattr(recipe, s).data)
+                 * getattr(recipe, s).training.max_steps
+                 for s in ("layerwise", "pretrain") if s in recipe.stages)
+    pretrain = recipe.pretrain.training
+    steps = -(-budget // per_step(pretrain, recipe.pretrain.data))
+    return pretrain.model_copy(update={"max_steps": max(steps, 1)})
+
+
 def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
     rows: list[PipelineRow] = []
     teacher = recipe.teacher
@@ -110,6 +150,9 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
         refuse_random_teacher(recipe)  # before hours of earlier stages, not after
     if recipe.teacher.train is not None:
         recipe, rows = _with_trained_teacher(recipe, console)
+    elif recipe.model.name_or_path:  # the pretrained model the student starts from
+        rows.append(PipelineRow("teacher (FP, original)", recipe.model.name_or_path, 0.0, None,
+                                source=recipe.model))
     for stage in recipe.stages:
         console.rule(f"student: {stage}")
         info = get_stage(stage) if stage in STUDENT_STAGE_NAMES else None
@@ -130,6 +173,8 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
             console.print(f"[yellow]{stage}: not part of `wft pipeline` yet, skipped[/]")
     if recipe.pipeline.baseline and "distill" in recipe.stages:
         rows.append(_baseline(recipe, console))
+    elif recipe.pipeline.baseline and "pretrain" in recipe.stages:
+        rows.append(_text_baseline(recipe, console))
     table = _evaluate_rows(recipe, rows)
     out = Path(recipe.output_dir) / recipe.name / "pipeline.json"
     out.write_text(json.dumps(table, indent=2))
@@ -147,7 +192,10 @@ def _evaluate_rows(recipe: Recipe, rows: list[PipelineRow]) -> list[dict]:
     task_data = recipe.distill.data if "distill" in recipe.stages else None
     results, batches = [], {}
     for row in rows:
-        model, tokenizer, _ = load_model_dir(row.path)
+        if row.source is not None:
+            model, tokenizer, _ = load_source_model(row.source)
+        else:
+            model, tokenizer, _ = load_model_dir(row.path)
         if not batches:
             batches["text"] = eval_batches(text_data, tokenizer, 16)
             if task_data is not None and task_data.format == "task":
@@ -172,17 +220,15 @@ def print_pipeline_table(rows: list[dict], recipe: Recipe, console: Console) -> 
     """Rows are models; the notes under the table flag accuracies at the majority floor and
     ties (`wftool.train.evaluation.accuracy_notes`, as `wft eval` does)."""
     table = Table(title=f"wft pipeline: {recipe.name} (held-out data)", title_justify="left")
-    columns = [("model", None), ("text loss", "text_loss"), ("text ppl", "text_ppl"),
-               ("task loss", "task_loss"), ("task acc % (n, floor)", "task_accuracy"),
-               ("tokens", "tokens"), ("time", "seconds")]
-    for title, _ in columns:
-        if title == "model":
-            table.add_column(title, overflow="fold")
-        else:
-            table.add_column(title, justify="right", no_wrap=True)
+    table.add_column("model", overflow="fold", min_width=MODEL_MIN_WIDTH)
+    for title in pipeline_titles(rows):
+        table.add_column(title, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(row["model"], *(_cell(key, row) for _, key in columns[1:]))
+        table.add_row(row["model"], *pipeline_cells(row, rows))
     console.print(table)
+    basis = accuracy_basis(rows)
+    if basis:
+        console.print(basis, highlight=False)
     for note in accuracy_notes(rows):
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     if any(row.get("reused") for row in rows):
@@ -190,9 +236,27 @@ def print_pipeline_table(rows: list[dict], recipe: Recipe, console: Console) -> 
                       highlight=False)
 
 
+NUMBER_COLUMNS = [("text\nloss", "text_loss"), ("text\nppl", "text_ppl"),
+                  ("task\nloss", "task_loss"), ("task\nacc %", "task_accuracy"),
+                  ("tokens", "tokens"), ("time", "seconds")]
+
+
+def pipeline_titles(rows: list[dict]) -> list[str]:
+    """The number columns' titles (two lines each, so the table fits 80 columns)."""
+    shared = accuracy_basis(rows) is not None
+    return [title if key != "task_accuracy" or shared else "task acc %\n(n, floor)"
+            for title, key in NUMBER_COLUMNS]
+
+
+def pipeline_cells(row: dict, rows: list[dict]) -> list[str]:
+    """A pipeline.json row's cells under `pipeline_titles(rows)`, as the table prints them
+    (the README's generated table uses the same)."""
+    shared = accuracy_basis(rows) is not None
+    return [accuracy_cell(row, shared) if key == "task_accuracy" else _cell(key, row)
+            for _, key in NUMBER_COLUMNS]
+
+
 def _cell(key: str, row: dict) -> str:
-    if key == "task_accuracy":
-        return accuracy_cell(row)  # "-" when there is none
     value = row.get(key)
     if value is None:
         return "-"

@@ -182,7 +182,10 @@ def _planned_steps(recipe_file: Path | None, label: str) -> int | None:
         value = yaml.safe_load(recipe_file.read_text())
     except (yaml.YAMLError, OSError):
         return None
-    for key in _PLAN_KEYS.get(label, (label, "training", "max_steps")):
+    keys = _PLAN_KEYS.get(label, (label, "training", "max_steps"))
+    if label == "baseline" and "distill" not in (value.get("stages") or ["distill"]):
+        keys = ("pretrain", "training", "max_steps")  # a text recipe's baseline: pretrain's
+    for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
     return value if isinstance(value, int) else None
 

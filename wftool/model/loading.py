@@ -6,6 +6,7 @@ import torch
 
 from wftool.errors import WftError
 from wftool.model.families import Family, family_for_model_type, supported_families_text
+from wftool.model.source import model_source
 from wftool.model.tokenizer import load_tokenizer
 from wftool.recipe.schema import ModelSpec
 
@@ -52,23 +53,27 @@ def load_source_model(spec: ModelSpec):
                            f"{_last_line(err)}", "check the model.config values") from None
         return model.eval(), tokenizer, family
 
-    source = spec.name_or_path
+    source = model_source(spec.name_or_path, spec.gguf_file)
+    load = {"revision": spec.revision, **source.load_kwargs}
     try:
-        config = AutoConfig.from_pretrained(source, revision=spec.revision)
+        config = AutoConfig.from_pretrained(source.location, **load)
     except (OSError, ValueError) as err:
         raise WftError(
-            f"cannot load model '{source}': {_first_line(err)}",
+            f"cannot load model '{source.describe()}': {_first_line(err)}",
             "a hub id needs network access (and HF_TOKEN for gated models); "
-            "a local path must be a directory with config.json",
+            "a local path must be a directory with config.json, or a .gguf file",
         ) from None
     family = _family_of(config)
+    dtype = torch_dtype(spec.dtype)
+    if source.gguf_file and dtype == "auto":
+        dtype = torch.float32  # GGUF tensors are dequantized; float32 holds them exactly
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=spec.revision, dtype=torch_dtype(spec.dtype)
-        )
-        tokenizer = load_tokenizer(spec.tokenizer or source, config.vocab_size, spec.revision)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **load)
+        tokenizer = load_tokenizer(spec.tokenizer or source.location, config.vocab_size,
+                                   spec.revision,
+                                   gguf_file=None if spec.tokenizer else source.gguf_file)
     except (OSError, ValueError) as err:
-        raise WftError(f"cannot load model '{source}': {_first_line(err)}") from None
+        raise WftError(f"cannot load model '{source.describe()}': {_first_line(err)}") from None
     return model.eval(), tokenizer, family
 
 

@@ -67,8 +67,10 @@ def train_synthetic_tokenizer(
     return tokenizer
 
 
-def load_tokenizer(source: str, vocab_size: int, revision: str | None = None):
-    """``synthetic`` trains one for ``vocab_size``; anything else is a hub id or directory.
+def load_tokenizer(source: str, vocab_size: int, revision: str | None = None,
+                   gguf_file: str | None = None):
+    """``synthetic`` trains one for ``vocab_size``; anything else is a hub id or directory
+    (with ``gguf_file``: the tokenizer and chat template stored in that GGUF file).
 
     A tokenizer without an EOS token (or with one past the model's ``vocab_size``) is
     refused here, before any stage runs: packing ends every document and task answer with EOS.
@@ -82,6 +84,7 @@ def load_tokenizer(source: str, vocab_size: int, revision: str | None = None):
         return tokenizer
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, **extra)
     require_eos(tokenizer, source, vocab_size)
     return tokenizer

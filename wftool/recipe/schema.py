@@ -44,7 +44,11 @@ class ModelSpec(Section):
     """The full-precision model to convert: a hub id / local directory, or a config to build."""
 
     name_or_path: PathText | None = Field(
-        None, description="Hugging Face hub id or local directory.")
+        None, description="Hugging Face hub id, local directory, or .gguf file "
+        "(`package:<python package>/<file>` for a file an installed package ships).")
+    gguf_file: PathText | None = Field(
+        None, description="A GGUF file inside name_or_path (directory or hub repo), loaded "
+        "through transformers' GGUF reader, dequantized to `dtype` (extra: gguf-source).")
     config: dict[str, Any] | None = Field(
         None,
         description="Build a randomly initialised model from this Hugging Face config "
@@ -57,7 +61,8 @@ class ModelSpec(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype when loading; `auto` keeps the checkpoint's."
+        "auto", description="Weight dtype when loading; `auto` keeps the checkpoint's (float32 "
+        "for a GGUF file, whose tensors are dequantized)."
     )
     seed: Seed = Field(0, description="Seed for weights built from `config`.")
     _shape: Any = PrivateAttr(None)  # model_config.ModelShape of `config`, once checked
@@ -71,6 +76,9 @@ class ModelSpec(Section):
                 raise ValueError("`config` needs a `model_type` (e.g. llama, qwen3)")
             if self.tokenizer is None:
                 raise ValueError("a model built from `config` needs `tokenizer` (e.g. synthetic)")
+            if self.gguf_file is not None:
+                raise ValueError("`gguf_file` names a file inside `name_or_path`; a model built "
+                                 "from `config` has none")
             from wftool.recipe.model_config import check_model_config
 
             self._shape = check_model_config(self.config, self.tokenizer)
@@ -240,8 +248,9 @@ class LoggingSpec(Section):
 class PipelineSpec(Section):
     baseline: bool = Field(
         True,
-        description="Also train the BitNet-SFT baseline (ternary fine-tuning only, no SubLN) on "
-        "the distill budget, for the comparison table.",
+        description="Also train the BitNet-SFT baseline (no SubLN, ternary training only) for "
+        "the comparison table: on the distill budget when the recipe has a task, else "
+        "continued pre-training on the tokens layerwise + pretrain get.",
     )
 
 
@@ -317,7 +326,7 @@ class DistillStage(_TrainingStage):
 
 
 class ExportStage(Section):
-    type: Literal["tq1_0", "tq2_0", "i2_s", "f16", "bf16"] = "tq2_0"
+    type: Literal["tq1_0", "tq2_0", "q2_0", "i2_s", "f16", "bf16"] = "tq2_0"
     output: PathText | None = None
     validate_export: bool = Field(True, alias="validate")
 

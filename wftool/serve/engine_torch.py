@@ -7,6 +7,7 @@ no upstream llama.cpp architecture can hold, are served this way.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +43,10 @@ class TorchEngine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self._eos = self._eos_ids()
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns,
+        # and goes in 5.40); earlier 5.x releases only know the old one.
+        forward = inspect.signature(model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in forward else "past_key_values"
         self._end_of_turn = {
             tid for token in END_OF_TURN_TOKENS
             if (tid := tokenizer.convert_tokens_to_ids(token)) is not None
@@ -94,10 +99,10 @@ class TorchEngine:
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        cache = DynamicCache(config=self.model.config)
+        cache = {self._cache_keyword: DynamicCache(config=self.model.config)}
         inputs = torch.tensor([prompt_ids], device=self.device)
         while True:
-            logits = self.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=inputs, use_cache=True, **cache).logits
             token = sample_token(logits[0, -1], sampling, generator)
             yield token
             inputs = torch.tensor([[token]], device=self.device)

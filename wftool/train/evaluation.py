@@ -77,16 +77,33 @@ def majority_floor(batches: list[dict]) -> dict:
     return {"examples": len(answers), "majority_accuracy": most / len(answers)}
 
 
-def accuracy_cell(row: dict) -> str:
+MODEL_MIN_WIDTH = 22  # model tables: an 80-column terminal folds names rather than hiding them
+
+
+def accuracy_cell(row: dict, shared: bool = False) -> str:
     """A table cell for a row with "task_accuracy" (and "examples", "majority_accuracy" from
-    `majority_floor`): accuracy in %, with the judged examples and the majority floor."""
+    `majority_floor`): accuracy in %, with the judged examples and the majority floor unless
+    a line under the table says them for every row (`shared`, see `accuracy_basis`)."""
     accuracy = row.get("task_accuracy")
     if accuracy is None:
         return "-"
-    if not row.get("examples"):
+    if shared or not row.get("examples"):
         return f"{100 * accuracy:.1f}"
     return (f"{100 * accuracy:.1f} (n={row['examples']:,}, "
             f"floor {100 * row['majority_accuracy']:.1f})")
+
+
+def accuracy_basis(rows: list[dict]) -> str | None:
+    """When every row's accuracy was judged on the same examples, one line saying how many
+    and the majority-class floor (the table's cells are then bare percentages); else None,
+    and each cell carries its own (`accuracy_cell`)."""
+    judged = {(r["examples"], r["majority_accuracy"]) for r in rows
+              if r.get("task_accuracy") is not None and r.get("examples")}
+    if len(judged) != 1:
+        return None
+    examples, majority = judged.pop()
+    return (f"task acc %: {examples:,} examples judged; majority-class floor "
+            f"{100 * majority:.1f} %")
 
 
 def accuracy_notes(rows: list[dict]) -> list[str]:
@@ -122,8 +139,11 @@ def _names(rows: list[dict]) -> str:
 
 
 @torch.no_grad()
-def evaluate_model(model, batches: list[dict], task: bool, device=None, autocast=None) -> dict:
-    """{"eval_loss", "eval_ppl"[, "eval_accuracy"]} over `batches`; {} without batches."""
+def evaluate_model(model, batches: list[dict], task: bool, device=None, autocast=None,
+                   held_out=None) -> dict:
+    """{"eval_loss", "eval_ppl"[, "eval_accuracy"]} over `batches`; {} without batches.
+    `held_out(outputs, batch) -> {name: tensor}` adds a stage's own objective as
+    "eval_<name>" (the forward then returns hidden states), weighted like the loss."""
     if not batches:
         return {}
     device = device or next(model.parameters()).device
@@ -131,13 +151,18 @@ def evaluate_model(model, batches: list[dict], task: bool, device=None, autocast
     was_training = model.training
     model.eval()
     total_loss, total_tokens, correct, judged = 0.0, 0, 0, 0
+    extra: dict[str, float] = {}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            logits = model(**model_inputs(batch)).logits
+            outputs = model(**model_inputs(batch), output_hidden_states=held_out is not None)
+            parts = held_out(outputs, batch) if held_out is not None else {}
+        logits = outputs.logits
         labels = batch["labels"]
         n = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
         total_loss += causal_lm_loss(logits, labels).item() * n
+        for name, value in parts.items():
+            extra[name] = extra.get(name, 0.0) + float(value) * n
         total_tokens += n
         if task:
             c, j = answer_accuracy(logits, labels)
@@ -145,6 +170,7 @@ def evaluate_model(model, batches: list[dict], task: bool, device=None, autocast
     model.train(was_training)
     loss = total_loss / max(total_tokens, 1)
     result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    result.update({f"eval_{name}": value / max(total_tokens, 1) for name, value in extra.items()})
     if judged:
         result["eval_accuracy"] = correct / judged
     return result

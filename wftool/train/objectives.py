@@ -166,6 +166,17 @@ class LayerwiseDistillation:
             parts["ce"] = ce.detach()
         return loss, parts
 
+    def held_out(self, outputs, batch) -> dict[str, torch.Tensor]:
+        """The stage's own objective on held-out data (`eval_hidden`), from the student's
+        evaluation forward (`outputs`, with hidden states)."""
+        with torch.no_grad():
+            teacher_hidden = self.teacher(**model_inputs(batch),
+                                          output_hidden_states=True).hidden_states
+        hidden = hidden_state_loss(list(outputs.hidden_states[1:]), list(teacher_hidden[1:]),
+                                   self.weights, self.spec.normalize,
+                                   batch.get("attention_mask"))
+        return {"hidden": hidden}
+
 
 class Distillation:
     """`distill`: CE on answers + lambda * tau^2 KL(teacher || student) + gamma * relation

@@ -15,7 +15,8 @@ from rich.text import Text
 
 # Which stats the bar keeps when the terminal is narrow: earlier ones win. Unlisted keys
 # come after these, `loss_*` parts first, in the order they were given.
-_STAT_PRIORITY = ("loss", "tok/s", "eval_loss", "lr", "eval_accuracy", "eval_ppl")
+_STAT_PRIORITY = ("loss", "tok/s", "eval_hidden", "eval_loss", "lr", "eval_accuracy", "eval_ppl",
+                  "next-token eval_loss")
 _GAP = "  "
 _BAR_MIN, _BAR_MAX = 10, 40
 _TITLE_MIN = _PHASE_MIN = 12

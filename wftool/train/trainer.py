@@ -40,7 +40,8 @@ from wftool.train.optim import build_optimizers, build_schedulers
 from wftool.train.precision import Precision, resolve_precision
 from wftool.train.remote import stage_url, upload_dir
 
-_SHOWN = ("loss", "lr", "tok/s", "eval_loss", "eval_accuracy", "mem_gb", "quant_mix")
+_SHOWN = ("loss", "lr", "tok/s", "eval_loss", "eval_accuracy", "mem_gb", "quant_mix",
+          "eval_hidden")
 
 
 @dataclass
@@ -287,7 +288,7 @@ class Trainer:
                 self.last_eval = self.evaluate()
             display.set_phase("writing final/")
             final = self.save_final()
-            display.finish({**self.last_eval, "tokens": self.tokens_seen})
+            display.finish({**_labelled(self.last_eval), "tokens": self.tokens_seen})
         finally:
             display.close()
             for sink in self.sinks:
@@ -379,7 +380,8 @@ class Trainer:
     def evaluate(self) -> dict:
         self.last_eval = evaluate_model(self.model, self.eval_batches,
                                         self.run.data.format == "task", self.device,
-                                        lambda: self.precision.autocast(self.device))
+                                        lambda: self.precision.autocast(self.device),
+                                        getattr(self.run.objective, "held_out", None))
         return self.last_eval
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -424,7 +426,16 @@ class Trainer:
 
 
 def _shown(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k in _SHOWN or k.startswith("loss_")}
+    return _labelled({k: v for k, v in record.items() if k in _SHOWN or k.startswith("loss_")})
+
+
+def _labelled(stats: dict) -> dict:
+    """Where a stage reports its own held-out objective (layerwise: `eval_hidden`), the
+    next-token numbers are shown as such: that stage does not train for them."""
+    if "eval_hidden" not in stats:
+        return stats
+    names = {"eval_loss": "next-token eval_loss", "eval_ppl": "next-token eval_ppl"}
+    return {names.get(k, k): v for k, v in stats.items()}
 
 
 class _NoDisplay:
