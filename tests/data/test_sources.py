@@ -71,6 +71,24 @@ def test_local_jsonl_and_text_files(tmp_path):
         "first para\nline two", "second para"}
 
 
+def test_compressed_text_and_jsonl_files_read_as_their_inner_format(tmp_path):
+    import bz2
+    import gzip
+
+    (tmp_path / "notes.txt.gz").write_bytes(gzip.compress(b"first para\nline two\n\nsecond\n"))
+    reader = open_reader(DataSource(files=[str(tmp_path / "notes.txt.gz")]), "text", seed=0)
+    assert {d for _, d in zip(range(2), (d for _, _, d in reader.iter_from(0)))} == {
+        "first para\nline two", "second"}
+    rows = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3))
+    (tmp_path / "rows.jsonl.bz2").write_bytes(bz2.compress(rows.encode()))
+    reader = open_reader(DataSource(files=[str(tmp_path / "rows.jsonl.bz2")]), "text", seed=0)
+    assert {d for _, d in zip(range(3), (d for _, _, d in reader.iter_from(0)))} == {
+        "doc 0", "doc 1", "doc 2"}
+    (tmp_path / "odd.gz").write_bytes(gzip.compress(b"x"))
+    with pytest.raises(WftError, match="must all be one of.*got .gz"):
+        open_reader(DataSource(files=[str(tmp_path / "odd.gz")]), "text", 0)
+
+
 def test_parquet_task_file(tmp_path):
     import datasets
 

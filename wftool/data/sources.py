@@ -24,6 +24,16 @@ Document = str | tuple[str, str]  # text, or (prompt, answer)
 
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
+# Compressed text and JSON files: `datasets` decompresses them as it reads.
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _format_suffix(file: str) -> str:
+    """".txt" for notes.txt and notes.txt.gz: the suffix that says what the file holds."""
+    suffixes = [s.lower() for s in Path(file).suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in _COMPRESSED and suffixes[-2] != ".parquet":
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
 
 
 class Reader:
@@ -168,12 +178,13 @@ def open_reader(source: DataSource, fmt: str, seed: int) -> Reader:
     try:
         if source.files:
             files = expand_files(source.files)
-            suffixes = {Path(f).suffix.lower() for f in files}
+            suffixes = {_format_suffix(f) for f in files}
             builders = {_BUILDERS.get(s) for s in suffixes}
             if None in builders or len(builders) != 1:
                 raise WftError(
-                    f"data files must all be one of {', '.join(sorted(_BUILDERS))}; "
-                    f"got {', '.join(sorted(suffixes))}"
+                    f"data files must all be one of {', '.join(sorted(_BUILDERS))} (text and "
+                    f"JSON also compressed: {', '.join(_COMPRESSED)}); "
+                    f"got {', '.join(sorted(s or '(no suffix)' for s in suffixes))}"
                 )
             builder = builders.pop()
             extra = {"sample_by": "paragraph"} if builder == "text" else {}
