@@ -1,8 +1,9 @@
 """Decode speed of one student in every serving form, side by side.
 
-The same Llama-shaped ternary student is exported to TQ2_0, TQ1_0 and F16 and decoded by
-llama.cpp (llama-cpp-python), and decoded by wft's torch backend with packed int8 codes
-(what `wft serve --backend torch` runs) and with latent weights (the training forward).
+The same Llama-shaped ternary student is exported to TQ2_0, TQ1_0, Q2_0 and F16 and decoded
+by llama.cpp (llama-cpp-python; on x86 CPUs Q2_0 has only a scalar kernel, it is the type for
+GPUs), and decoded by wft's torch backend with packed int8 codes (what `wft serve --backend
+torch` runs) and with latent weights (the training forward).
 Tokens/s are greedy decode after the same prompt, EOS ignored, best of --rounds.
 
     python bench/serve.py [--hidden 1024] [--layers 8] [--tokens 64] [--threads 2]
@@ -96,7 +97,7 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
 
-        for export_type in ("f16", "tq2_0", "tq1_0"):
+        for export_type in ("f16", "tq2_0", "tq1_0", "q2_0"):
             result = run_export(student, export_type, workdir / f"s-{export_type}.gguf",
                                 validate=False, name="bench")
             decode, llm = llamacpp_decoder(result.path, prompt_ids, args.threads)

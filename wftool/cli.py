@@ -336,7 +336,8 @@ def export_gguf(
         help="A recipe (exports its newest stage output) or a wft model directory.")],
     overrides: OverridesArg = None,
     gguf_type: Annotated[Optional[str], typer.Option(
-        "--type", help="tq1_0, tq2_0, f16 or bf16 (llama.cpp), or i2_s (BitNet.cpp only); the "
+        "--type", help="tq2_0 (CPUs), q2_0 (GPUs; rows of 64), tq1_0, f16 or bf16 (llama.cpp), "
+        "or i2_s (BitNet.cpp only); the "
         "architecture follows convert.sub_norm: paper -> bitnet, none -> llama (default: the "
         "recipe's export.type; tq2_0 for a model directory).")] = None,
     output: Annotated[Optional[Path], typer.Option(

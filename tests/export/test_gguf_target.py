@@ -94,7 +94,10 @@ def test_unfinished_warm_up_rope_scaling_and_biases_are_refused():
 def test_the_smollm2_135m_width_is_refused_for_tq_types_only():
     smollm2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
                "num_key_value_heads": 3}
-    assert any("rows of 576 are not a multiple of 256" in r for r in _reasons(_plan(**smollm2)))
+    [rows] = _plan(**smollm2)[1]
+    assert "rows of 576 are not a multiple of 256" in rows.reason
+    assert "or q2_0 (rows of 64" in rows.fix  # 576 and 1536 are whole Q2_0 blocks
+    assert _plan(export_type="q2_0", **smollm2)[1] == []
     assert _plan(export_type="f16", **smollm2)[1] == []  # what its recipe exports
 
 
@@ -117,3 +120,7 @@ def test_where_the_delta_lives_and_who_loads_the_file():
     delta = 0.0123456789
     assert GgufTarget("bitnet", "f16").stored_delta(delta) == pytest.approx(delta, rel=1e-7)
     assert GgufTarget("llama", "tq1_0").stored_delta(delta) == float(np.float16(delta))
+    # Q2_0 keeps the delta as TQ does: an F32 .scale for bitnet, the fp16 block d for llama.
+    assert GgufTarget("bitnet", "q2_0").scale_tensors
+    assert GgufTarget("llama", "q2_0").stored_delta(delta) == float(np.float16(delta))
+    assert GgufTarget("llama", "q2_0").runtime == "llama.cpp"

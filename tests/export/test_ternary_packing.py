@@ -1,4 +1,4 @@
-"""TQ1_0 / TQ2_0 / I2_S packing against gguf-py and independent unpackers."""
+"""TQ1_0 / TQ2_0 / Q2_0 / I2_S packing against gguf-py and independent unpackers."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,9 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from tests.export.i2_s import reference_unpack_i2_s
-from wftool.export.ternary_packing import pack_i2_s, pack_tq1_0, pack_tq2_0
-from wftool.export.validate import unpack_i2_s
+from tests.export.q2_0 import reference_quantize_q2_0, reference_unpack_q2_0
+from wftool.export.ternary_packing import pack_i2_s, pack_q2_0, pack_tq1_0, pack_tq2_0
+from wftool.export.validate import dequantize_q2_0, unpack_i2_s
 from wftool.quant.ternary import ternarize
 
 TQ = [(pack_tq2_0, GGMLQuantizationType.TQ2_0), (pack_tq1_0, GGMLQuantizationType.TQ1_0)]
@@ -90,3 +91,53 @@ def test_i2_s_rejects_partial_groups_naming_the_shape():
         pack_i2_s(np.zeros((4, 100), dtype=np.int8), 1.0)
     with pytest.raises(ValueError, match="in \\{-1, 0, 1\\}"):
         pack_i2_s(np.full((1, 128), -2, dtype=np.int8), 1.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.0123456])
+def test_q2_0_round_trips_through_an_independent_unpacker(scale):
+    codes = _codes(rows=3, cols=576, seed=5)  # SmolLM2-135M's width: 9 blocks of 64
+    codes[2, 64:128] = 0  # an all-zero block: d = 0, as llama.cpp's quantizer writes it
+    packed = pack_q2_0(codes, scale)
+    assert packed.dtype == np.uint8 and packed.shape == (3, 576 // 64 * 18)
+    values, d = reference_unpack_q2_0(packed, codes.size)
+    assert np.array_equal(values, codes.reshape(-1))
+    nonzero = codes.reshape(-1, 64).any(axis=1)
+    assert np.array_equal(d, np.where(nonzero, np.float32(np.float16(scale)), 0))
+    restored = dequantize_q2_0(packed).reshape(codes.shape)
+    assert np.array_equal(restored, codes * np.float32(np.float16(scale)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.0123456])
+def test_q2_0_bytes_equal_llamacpps_reference_quantizer(scale):
+    # quantize_row_q2_0_ref of codes x fp16(scale): block absmax = fp16(scale), codes back.
+    codes = _codes(rows=4, cols=192, seed=6)
+    weight = codes.astype(np.float32) * np.float32(np.float16(scale))
+    assert np.array_equal(pack_q2_0(codes, scale), reference_quantize_q2_0(weight))
+
+
+def test_q2_0_first_block_by_hand():
+    # d (fp16 1.0 = 0x3C00, little endian) comes first; then value j in byte j // 4 at bits
+    # 2 * (j % 4), LSB first, as code + 1: +1 -> 0b10, -1 -> 0b00, 0 -> 0b01, +1 -> 0b10.
+    codes = np.zeros((1, 64), dtype=np.int8)
+    codes[0, :4] = [1, -1, 0, 1]
+    packed = pack_q2_0(codes)
+    assert packed[0, :2].tobytes() == b"\x00\x3c"
+    assert packed[0, 2] == 0b10_01_00_10
+    assert (packed[0, 3:] == 0b01_01_01_01).all()  # zeros elsewhere: code 1 everywhere
+
+
+def test_the_q2_0_read_back_decodes_every_code_as_llamacpp_does():
+    # Arbitrary bytes (code 3 = +2 d included): both readers of the layout must agree.
+    data = np.random.default_rng(7).integers(0, 256, size=(5, 18), dtype=np.uint8)
+    data[:, :2] = np.array([0.5, -2.0, 0.0, 1.0, 0.0123], dtype="<f2").view(np.uint8).reshape(5, 2)
+    codes, d = reference_unpack_q2_0(data, 5 * 64)
+    expected = codes.reshape(5, 64).astype(np.float32) * d[:, None]
+    assert np.array_equal(dequantize_q2_0(data), expected.reshape(-1))
+    assert (codes == 2).any()
+
+
+def test_q2_0_rejects_rows_not_multiple_of_64_and_bad_codes():
+    with pytest.raises(ValueError, match="Q2_0 .* multiple of 64.*\\(3, 100\\)"):
+        pack_q2_0(np.zeros((3, 100), dtype=np.int8))
+    with pytest.raises(ValueError, match="in \\{-1, 0, 1\\}"):
+        pack_q2_0(np.full((1, 64), 2, dtype=np.int8))

@@ -9,15 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from wftool.errors import WftError
-from wftool.export.gguf_target import plan_gguf_export
+from wftool.export.gguf_target import BITS_PER_WEIGHT, plan_gguf_export
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
 from wftool.model.loading import load_source_model
 from wftool.model.surgery import ConversionReport, convert_to_bitnet, set_quant_mix
 from wftool.recipe.schema import Recipe
 from wftool.train.remote import stage_url, upload_dir
-
-# Storage per weight: latent fp32 for training vs the packed TQ2_0 export.
-_TQ2_0_BITS = 2.0625
 
 
 @dataclass
@@ -88,10 +85,12 @@ def print_convert_summary(result: ConvertResult, recipe: Recipe, console: Consol
     if report.sub_norms:
         table.add_row("", "e.g. " + ", ".join(report.sub_norms[:2]))
     table.add_row("full precision", ", ".join(report.kept_full_precision) or "-")
-    ternary_mb = report.quantized_params * _TQ2_0_BITS / 8 / 1e6
+    # Storage of the projections: latent fp32 for training vs the recipe's export type.
+    export_mb = report.quantized_params * BITS_PER_WEIGHT[result.gguf_type] / 8 / 1e6
     table.add_row(
         "ternary size",
-        f"{report.quantized_params * 4 / 1e6:.1f} MB as fp32 -> {ternary_mb:.1f} MB as TQ2_0",
+        f"{report.quantized_params * 4 / 1e6:.1f} MB as fp32 -> {export_mb:.1f} MB as "
+        f"{result.gguf_type.upper()} (export.type)",
     )
     target = f"llama.cpp {result.gguf_arch}"
     if result.gguf_blockers:

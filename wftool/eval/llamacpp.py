@@ -34,10 +34,17 @@ class LlamaCppModel(nn.Module):
         """The GGUF's weight type as llama.cpp names it: TQ2_0, TQ1_0, F16, ..."""
         from gguf import LlamaFileType
 
+        from wftool.export.ternary_packing import Q2_0_FILE_TYPE
+
         try:
-            return LlamaFileType(int(self.metadata["general.file_type"])).name.removeprefix(
-                "MOSTLY_")
+            file_type = int(self.metadata["general.file_type"])
         except (KeyError, ValueError):
+            return "GGUF"
+        if file_type == Q2_0_FILE_TYPE:  # newer than gguf-py's table
+            return "Q2_0"
+        try:
+            return LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
             return "GGUF"
 
     @property

@@ -1,8 +1,9 @@
 """A GGUF file's header, metadata and tensor table, read without gguf-py.
 
-gguf-py refuses tensor types it does not know, and BitNet.cpp's I2_S (type 36) is one of
-them, so the read-back of an I2_S export parses the container itself: GGUF v3, little
-endian, data aligned to `general.alignment` (32 when absent).
+gguf-py refuses tensor types it does not know, and BitNet.cpp's I2_S (type 36) and
+llama.cpp's Q2_0 (type 42) are among them, so the read-back of such an export parses the
+container itself: GGUF v3, little endian, data aligned to `general.alignment` (32 when
+absent).
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ The sub-norm placement the student was converted with picks the architecture: th
 SubLN is llama.cpp's `bitnet` graph; no sub-norms is the plain `llama` graph (Q/K rows
 permuted for its RoPE). Per-projection input norms (`all`) fit no upstream graph. The type
 decides where the per-tensor delta lives and which runtime can load the file: I2_S is
-BitNet.cpp's own type, so only BitNet.cpp (extern/BitNet) loads such a file. Each thing that
-keeps a student (or its tokenizer, see gguf_tokenizer.py) from an exact file is a Blocker:
-the reason, and what to do about that reason.
+BitNet.cpp's own type, so only BitNet.cpp (extern/BitNet) loads such a file; Q2_0 is
+llama.cpp's ternary-capable type with GPU kernels (TQ1_0 / TQ2_0 have CPU ones only). Each
+thing that keeps a student (or its tokenizer, see gguf_tokenizer.py) from an exact file is a
+Blocker: the reason, and what to do about that reason.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ from typing import NamedTuple
 import numpy as np
 
 from wftool.export.gguf_tokenizer import tokenizer_blockers
-from wftool.export.ternary_packing import I2_S_GROUP, QK_K
+from wftool.export.ternary_packing import I2_S_GROUP, QK2_0, QK_K
 from wftool.model.families import Family, head_dim
 from wftool.quant.bitlinear import BitLinear, RMSNorm
 
-EXPORT_TYPES = ("tq1_0", "tq2_0", "i2_s", "f16", "bf16")
+EXPORT_TYPES = ("tq1_0", "tq2_0", "q2_0", "i2_s", "f16", "bf16")
 # The llama.cpp graph each sub-norm placement is: `bitnet` applies the paper's two SubLN
 # norms, `llama` none. Per-projection norms (`all`) fit neither.
 ARCH_FOR_SUB_NORM = {"paper": "bitnet", "none": "llama"}
 TORCH_FIX = "serve the student with `wft serve --backend torch`"
-# Row lengths (in_features) each packed type needs: TQ blocks of 256, I2_S groups of 128.
-ROW_MULTIPLE = {"tq1_0": QK_K, "tq2_0": QK_K, "i2_s": I2_S_GROUP}
+# Row lengths (in_features) each packed type needs: TQ blocks of 256, I2_S groups of 128,
+# Q2_0 blocks of 64.
+ROW_MULTIPLE = {"tq1_0": QK_K, "tq2_0": QK_K, "q2_0": QK2_0, "i2_s": I2_S_GROUP}
+# Bits per ternary weight in the file, block scales included (I2_S: plus 32 bytes a tensor).
+BITS_PER_WEIGHT = {"tq1_0": 1.6875, "tq2_0": 2.0625, "q2_0": 2.25, "i2_s": 2.0, "f16": 16.0,
+                   "bf16": 16.0}
 
 
 class Blocker(NamedTuple):
@@ -63,9 +68,9 @@ class GgufTarget:
             return "fp32, in each tensor's 32-byte I2_S tail (exact)"
         if self.scale_tensors:
             return "fp32, as an F32 .scale tensor per projection (exact)"
-        if self.export_type in ("tq1_0", "tq2_0"):
-            return "fp16, as the block scale d of every TQ block (rounded)"
         kind = self.export_type
+        if kind in ("tq1_0", "tq2_0", "q2_0"):
+            return f"fp16, as the block scale d of every {kind.upper()} block (rounded)"
         return f"{kind}, folded into the {kind.upper()} values (rounded)"
 
     def stored_delta(self, delta: float) -> float:
@@ -170,10 +175,12 @@ def _projection_problems(model, export_type: str) -> list[Blocker]:
 
 
 def _row_fix(model, export_type: str) -> str:
-    """The types that hold every row of the model: F16/BF16 always, I2_S where each row is
-    whole groups of 128 (BitNet.cpp only)."""
-    fits_i2_s = all(m.in_features % I2_S_GROUP == 0 for m in model.modules()
-                    if isinstance(m, BitLinear))
-    if fits_i2_s and export_type != "i2_s":
-        return "export with --type f16 or bf16 (any row length), or i2_s (BitNet.cpp only)"
-    return "export with --type f16 or bf16 (any row length)"
+    """The types that hold every row of the model: F16/BF16 always, Q2_0 where each row is
+    whole blocks of 64 (exact and ternary-sized), I2_S where each row is whole groups of 128
+    (BitNet.cpp only)."""
+    rows = [m.in_features for m in model.modules() if isinstance(m, BitLinear)]
+    fix = "export with --type f16 or bf16 (any row length)"
+    for other, note in (("q2_0", "rows of 64, 2.25 bits/weight"), ("i2_s", "BitNet.cpp only")):
+        if other != export_type and all(n % ROW_MULTIPLE[other] == 0 for n in rows):
+            fix += f", or {other} ({note})"
+    return fix

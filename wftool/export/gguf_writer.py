@@ -1,7 +1,7 @@
 """A wft student as a GGUF file for llama.cpp's `bitnet` or `llama` architecture.
 
 Projections are written from `ternarize(W)` (never the latent weights) as TQ1_0, TQ2_0,
-I2_S or F16/BF16 codes. Where the per-tensor delta goes depends on the target (see
+Q2_0, I2_S or F16/BF16 codes. Where the per-tensor delta goes depends on the target (see
 GgufTarget.delta_storage): an F32 `blk.N.<proj>.scale` tensor for `bitnet` (block d = 1),
 the fp16 block scale or the float values for `llama`, the fp32 tail for I2_S. For `llama`
 the Q and K rows are permuted as llama.cpp's convert_hf_to_gguf.py does, because its RoPE
@@ -22,7 +22,10 @@ from wftool.export.gguf_tokenizer import add_tokenizer
 from wftool.export.ternary_packing import (
     I2_S_FILE_TYPE,
     I2_S_TYPE_ID,
+    Q2_0_FILE_TYPE,
+    Q2_0_TYPE_ID,
     pack_i2_s,
+    pack_q2_0,
     pack_tq1_0,
     pack_tq2_0,
 )
@@ -71,12 +74,13 @@ def _add_ternary(writer, gguf_name: str, codes: np.ndarray, delta: float,
 
     kind = target.export_type
     if kind == "i2_s":
-        # gguf-py has no type 36: an int8 view of the bytes and the declared shape keep it
-        # from converting the shape through its own block-size table.
-        writer.add_tensor(gguf_name, pack_i2_s(codes, delta).view(np.int8),
-                          raw_shape=codes.shape, raw_dtype=I2_S_TYPE_ID)
+        _add_unknown_type(writer, gguf_name, pack_i2_s(codes, delta), codes.shape,
+                          I2_S_TYPE_ID)
         return
     d = 1.0 if target.scale_tensors else delta
+    if kind == "q2_0":
+        _add_unknown_type(writer, gguf_name, pack_q2_0(codes, d), codes.shape, Q2_0_TYPE_ID)
+        return
     if kind in ("tq1_0", "tq2_0"):
         pack, qtype = ((pack_tq2_0, GGMLQuantizationType.TQ2_0) if kind == "tq2_0"
                        else (pack_tq1_0, GGMLQuantizationType.TQ1_0))
@@ -85,6 +89,16 @@ def _add_ternary(writer, gguf_name: str, codes: np.ndarray, delta: float,
     values = torch.from_numpy(codes).float() * target.stored_delta(d)
     array, raw_dtype = _float_array(values, kind)
     writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+
+
+def _add_unknown_type(writer, gguf_name: str, packed: np.ndarray, shape: tuple[int, ...],
+                      type_id: int) -> None:
+    """Packed bytes of a GGML type gguf-py 0.19 has no enum member for (36 I2_S, 42 Q2_0).
+    Given uint8 data, its writer turns the byte shape into an element shape through its own
+    block-size table (a KeyError for these ids); given any other dtype plus `raw_shape`, it
+    writes that shape, the id and the bytes as they are. So an int8 view of the same bytes
+    goes in, with the element shape: public arguments only, no patched gguf-py tables."""
+    writer.add_tensor(gguf_name, packed.view(np.int8), raw_shape=shape, raw_dtype=type_id)
 
 
 def _rope_theta(config) -> float:
@@ -97,7 +111,7 @@ def _file_type(export_type: str) -> int:
 
     return {"tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0, "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
             "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-            "i2_s": I2_S_FILE_TYPE}[export_type]
+            "q2_0": Q2_0_FILE_TYPE, "i2_s": I2_S_FILE_TYPE}[export_type]
 
 
 def _add_hparams(writer, config, head_dim: int) -> None:

@@ -1,11 +1,12 @@
-"""Ternary codes -> the byte layouts of GGUF's TQ1_0 / TQ2_0 and BitNet.cpp's I2_S.
+"""Ternary codes -> the byte layouts of GGUF's TQ1_0 / TQ2_0 / Q2_0 and BitNet.cpp's I2_S.
 
-The input is always `ternarize(W).codes` (int8 in {-1, 0, 1}), never latent weights. TQ
-blocks get d = `scale` rounded to fp16 (0 for an all-zero block, as llama.cpp's own
-quantizer writes it): d = 1 where the per-tensor delta travels separately as an F32 `.scale`
+The input is always `ternarize(W).codes` (int8 in {-1, 0, 1}), never latent weights. TQ and
+Q2_0 blocks get d = `scale` rounded to fp16 (0 for an all-zero block, as llama.cpp's own
+quantizers write it): d = 1 where the per-tensor delta travels separately as an F32 `.scale`
 tensor (the `bitnet` architecture), d = delta where it must live in the blocks (`llama`).
-The bytes equal what gguf-py's quantizer writes for the float tensor `codes * fp16(scale)`.
-I2_S is BitNet.cpp's own type: 2-bit codes and the delta as fp32 in a 32-byte tail.
+The bytes equal what llama.cpp's quantizer (for TQ: gguf-py's) writes for the float tensor
+`codes * fp16(scale)`. I2_S is BitNet.cpp's own type: 2-bit codes and the delta as fp32 in a
+32-byte tail.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import numpy as np
 QK_K = 256  # values per TQ block
 TQ2_0_BLOCK_BYTES = 66  # 64 bytes of 2-bit codes + fp16 d
 TQ1_0_BLOCK_BYTES = 54  # 48 bytes of base-3 codes + fp16 d
+QK2_0 = 64  # values per Q2_0 block
+Q2_0_BLOCK_BYTES = 18  # fp16 d + 16 bytes of 2-bit codes
+Q2_0_TYPE_ID = 42  # GGML_TYPE_Q2_0 in llama.cpp; gguf-py 0.19 does not know it
+Q2_0_FILE_TYPE = 41  # LLAMA_FTYPE_MOSTLY_Q2_0 (general.file_type)
 I2_S_GROUP = 128  # values per 32-byte I2_S group (x86 layout)
 I2_S_TAIL_BYTES = 32  # trailing bytes; the first 4 hold the fp32 delta
 I2_S_TYPE_ID = 36  # GGML_TYPE_I2_S in BitNet.cpp's fork; upstream reuses ids past 35
@@ -58,6 +63,18 @@ def pack_tq2_0(codes: np.ndarray, scale: float = 1.0) -> np.ndarray:
     packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
     out = np.concatenate([packed.reshape(-1, 64), _block_scales(blocks, scale)], axis=1)
     return out.reshape(rows, -1)
+
+
+def pack_q2_0(codes: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """[rows, cols] int8 codes -> [rows, cols / 64 * 18] bytes of llama.cpp's Q2_0: per 64
+    values the fp16 d (= scale), then 16 bytes where value j sits in byte j / 4 at bits
+    2 * (j % 4), LSB first, as code + 1 (so 0b11, +2 d, is never written)."""
+    codes = _checked_codes(codes, QK2_0, "Q2_0 tensors")
+    blocks = codes.reshape(-1, QK2_0)
+    q = (blocks + 1).astype(np.uint8).reshape(-1, QK2_0 // 4, 4)
+    packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    out = np.concatenate([_block_scales(blocks, scale), packed], axis=1)
+    return out.reshape(codes.shape[0], -1)
 
 
 def pack_tq1_0(codes: np.ndarray, scale: float = 1.0) -> np.ndarray:

@@ -10,11 +10,21 @@ from wftool.export.gguf_layout import read_gguf_layout
 from wftool.export.gguf_target import GgufTarget
 from wftool.export.gguf_tokenizer import CHKTXT
 from wftool.export.gguf_writer import ExportedTensor, llama_rope_permute
-from wftool.export.ternary_packing import I2_S_TYPE_ID
+from wftool.export.ternary_packing import (
+    I2_S_TAIL_BYTES,
+    I2_S_TYPE_ID,
+    Q2_0_BLOCK_BYTES,
+    Q2_0_TYPE_ID,
+    QK2_0,
+)
 from wftool.quant.ternary import ternarize
 
 I2_S_UNPACK_CHUNK = 1 << 20  # values per step of the I2_S read-back (bounds its memory)
 F32_TYPE_ID = 0  # GGML_TYPE_F32: norms and `.scale` tensors
+# Types gguf-py's GGUFReader refuses (it raises on ids it has no enum member for): their
+# files are read back with wft's own parser (gguf_layout.py).
+OWN_READER_TYPES = ("i2_s", "q2_0")
+_OWN_TYPE_NAMES = {I2_S_TYPE_ID: "I2_S", Q2_0_TYPE_ID: "Q2_0"}
 
 
 def check_gguf_tensors(path: Path, model, target: GgufTarget,
@@ -22,8 +32,8 @@ def check_gguf_tensors(path: Path, model, target: GgufTarget,
     """Problems found re-reading `path`: wrong architecture, missing or extra tensors, wrong
     shapes or GGML types, ternary tensors whose values (times their `.scale` tensor, if any)
     differ in any element from the model's codes x the delta the file is meant to hold."""
-    if target.export_type == "i2_s":
-        return _check_i2_s(path, model, target, written)
+    if target.export_type in OWN_READER_TYPES:
+        return _check_with_own_reader(path, model, target, written)
     from gguf import GGUFReader, quants
 
     reader = GGUFReader(str(path))
@@ -36,27 +46,40 @@ def check_gguf_tensors(path: Path, model, target: GgufTarget,
         return None if tensor is None else (
             tuple(int(n) for n in reversed(tensor.shape.tolist())), int(tensor.tensor_type))
 
+    def scale(name):
+        tensor = tensors.get(name)
+        return None if tensor is None else (int(tensor.tensor_type), float(tensor.data[0]))
+
     for item in _well_formed_ternary(written, found, target, problems):
         tensor = tensors[item.name]
-        codes, delta = _expected_codes(model, item)
-        values = quants.dequantize(tensor.data, tensor.tensor_type).reshape(item.shape)
-        if target.scale_tensors:
-            base = item.name.removesuffix(".weight")
-            scale = tensors.get(f"{base}.scale")
-            wrong_scale = scale and _type_problem(scale.name, int(scale.tensor_type),
-                                                  F32_TYPE_ID)
-            if scale is None:
-                problems.append(f"{base}.scale: missing")
-            elif wrong_scale:
-                problems.append(wrong_scale)
-            elif np.float32(scale.data[0]) != np.float32(delta):
-                problems.append(f"{base}.scale: {scale.data[0]} != delta {delta}")
-        expected = codes.astype(np.float32) * np.float32(
-            1.0 if target.scale_tensors else target.stored_delta(delta))
-        if not np.array_equal(values, expected):
-            problems.append(f"{item.name}: dequantized values differ from the model's "
-                            "ternary codes x delta")
+        values = quants.dequantize(tensor.data, tensor.tensor_type)
+        problems += _value_problems(model, item, values, target, scale)
     problems += _unexpected(tensors, target, written)
+    return problems
+
+
+def _value_problems(model, item: ExportedTensor, values: np.ndarray, target: GgufTarget,
+                    scale) -> list[str]:
+    """A projection's dequantized `values` (times its `.scale` tensor where the target has
+    them) against the model's codes x delta, exactly; `scale(name)` gives the file's (GGML
+    type id, first value) of a tensor, or None."""
+    codes, delta = _expected_codes(model, item)
+    problems = []
+    if target.scale_tensors:
+        base = item.name.removesuffix(".weight")
+        found = scale(f"{base}.scale")
+        wrong = found and _type_problem(f"{base}.scale", found[0], F32_TYPE_ID)
+        if found is None:
+            problems.append(f"{base}.scale: missing")
+        elif wrong:
+            problems.append(wrong)
+        elif np.float32(found[1]) != np.float32(delta):
+            problems.append(f"{base}.scale: {found[1]} != delta {delta}")
+    expected = codes.astype(np.float32) * np.float32(
+        1.0 if target.scale_tensors else target.stored_delta(delta))
+    if not np.array_equal(values.reshape(item.shape), expected):
+        problems.append(f"{item.name}: dequantized values differ from the model's "
+                        "ternary codes x delta")
     return problems
 
 
@@ -69,8 +92,8 @@ def expected_ggml_type(item: ExportedTensor, target: GgufTarget) -> int:
         return int(T.F32)
     if item.kind == "float":
         return int(T.BF16 if target.export_type == "bf16" else T.F16)
-    return {"tq1_0": int(T.TQ1_0), "tq2_0": int(T.TQ2_0), "f16": int(T.F16),
-            "bf16": int(T.BF16), "i2_s": I2_S_TYPE_ID}[target.export_type]
+    return {"tq1_0": int(T.TQ1_0), "tq2_0": int(T.TQ2_0), "q2_0": Q2_0_TYPE_ID,
+            "f16": int(T.F16), "bf16": int(T.BF16), "i2_s": I2_S_TYPE_ID}[target.export_type]
 
 
 def _arch_problems(arch, target: GgufTarget) -> list[str]:
@@ -110,8 +133,8 @@ def _type_problem(name: str, found: int, expected: int) -> str | None:
 def _type_name(type_id: int) -> str:
     from gguf import GGMLQuantizationType
 
-    if type_id == I2_S_TYPE_ID:
-        return f"I2_S ({type_id})"
+    if type_id in _OWN_TYPE_NAMES:
+        return f"{_OWN_TYPE_NAMES[type_id]} ({type_id})"
     try:
         return f"{GGMLQuantizationType(type_id).name} ({type_id})"
     except ValueError:
@@ -152,9 +175,21 @@ def unpack_i2_s(data: np.ndarray, n: int) -> tuple[np.ndarray, float]:
     return codes, delta
 
 
-def _check_i2_s(path: Path, model, target: GgufTarget,
-                written: list[ExportedTensor]) -> list[str]:
-    """The I2_S read-back, on wft's own GGUF parser (gguf-py does not know type 36)."""
+def dequantize_q2_0(data: np.ndarray) -> np.ndarray:
+    """llama.cpp's Q2_0 bytes -> float32 values, read from the layout's description rather
+    than by undoing wft's packer: each 18-byte block is an fp16 d and 16 bytes; value j of
+    the block is bits 2 * (j % 4) of byte j / 4, and equals (code - 1) * d. Code 3 (+2 d)
+    comes back as written, so a stray one fails any comparison with ternary values."""
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, Q2_0_BLOCK_BYTES)
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)
+    codes = (blocks[:, 2:, None] >> shifts) & 3  # [block, byte, value in byte]
+    return ((codes.reshape(-1, QK2_0).astype(np.float32) - 1) * d).reshape(-1)
+
+
+def _check_with_own_reader(path: Path, model, target: GgufTarget,
+                           written: list[ExportedTensor]) -> list[str]:
+    """The read-back of I2_S and Q2_0 files, on wft's own GGUF parser (see OWN_READER_TYPES)."""
     layout = read_gguf_layout(path)
     problems = _arch_problems(layout.metadata.get("general.architecture"), target)
     data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -163,24 +198,50 @@ def _check_i2_s(path: Path, model, target: GgufTarget,
         entry = layout.tensor(name)
         return None if entry is None else (entry.shape, entry.type_id)
 
+    def scale(name):  # a `.scale` tensor: F32 {1}, so its value is its first 4 bytes
+        entry = layout.tensor(name)
+        if entry is None:
+            return None
+        raw = np.asarray(data[entry.offset:entry.offset + 4])
+        return entry.type_id, float(raw.view("<f4")[0]) if raw.size == 4 else float("nan")
+
+    kind = target.export_type
     for item in _well_formed_ternary(written, found, target, problems):
         entry = layout.tensor(item.name)
         n = int(np.prod(item.shape))
-        size = n // 4 + 32  # BitNet.cpp's ggml_nbytes for I2_S: codes plus a 32-byte tail
+        size = _nbytes(kind, n)
         if layout.data_end(entry) - entry.offset < size:
             problems.append(f"{item.name}: {layout.data_end(entry) - entry.offset} data "
-                            f"bytes, I2_S needs {size}")
+                            f"bytes, {kind.upper()} needs {size}")
             continue
         stored = np.asarray(data[entry.offset:entry.offset + size])
-        values, stored_delta = unpack_i2_s(stored, n)
-        codes, delta = _expected_codes(model, item)
-        if not np.array_equal(values, codes.reshape(-1)):
-            problems.append(f"{item.name}: I2_S codes differ from the model's")
-        if np.float32(stored_delta) != np.float32(delta):
-            problems.append(f"{item.name}: tail delta {stored_delta} != delta {delta}")
-        if stored[n // 4 + 4:].any():
-            problems.append(f"{item.name}: bytes 4-31 of the I2_S tail are not zero")
+        if kind == "i2_s":
+            problems += _i2_s_problems(model, item, stored, n)
+        else:
+            problems += _value_problems(model, item, dequantize_q2_0(stored), target, scale)
     problems += _unexpected([t.name for t in layout.tensors], target, written)
+    return problems
+
+
+def _nbytes(export_type: str, n: int) -> int:
+    """ggml_nbytes of n values: I2_S as BitNet.cpp counts it (codes plus a 32-byte tail),
+    Q2_0 18 bytes per block of 64."""
+    if export_type == "i2_s":
+        return n // 4 + I2_S_TAIL_BYTES
+    return n // QK2_0 * Q2_0_BLOCK_BYTES
+
+
+def _i2_s_problems(model, item: ExportedTensor, stored: np.ndarray, n: int) -> list[str]:
+    """An I2_S tensor's codes and tail delta against the model's, exactly."""
+    values, stored_delta = unpack_i2_s(stored, n)
+    codes, delta = _expected_codes(model, item)
+    problems = []
+    if not np.array_equal(values, codes.reshape(-1)):
+        problems.append(f"{item.name}: I2_S codes differ from the model's")
+    if np.float32(stored_delta) != np.float32(delta):
+        problems.append(f"{item.name}: tail delta {stored_delta} != delta {delta}")
+    if stored[n // 4 + 4:].any():
+        problems.append(f"{item.name}: bytes 4-31 of the I2_S tail are not zero")
     return problems
 
 
@@ -189,9 +250,10 @@ VALIDATION_PROMPTS = (
     "The quick brown fox jumps over the lazy dog. It was a bright cold day in April,",
     "<|im_start|>user\nWhat is a ternary weight?<|im_end|>\n<|im_start|>assistant\n",
 )
-# F16 matches to rounding; TQ types differ by llama.cpp's Q8_K activations (README, export).
+# F16 matches to rounding; TQ types and Q2_0 differ by llama.cpp's 8-bit activations (Q8_K,
+# Q8_0; README, export).
 LOGIT_LIMITS = {"f16": (2e-3, 0.98), "bf16": (1e-2, 0.98), "tq1_0": (5e-2, 0.98),
-                "tq2_0": (5e-2, 0.98)}
+                "tq2_0": (5e-2, 0.98), "q2_0": (5e-2, 0.98)}
 
 
 def compare_with_llamacpp(path: Path, model, tokenizer, export_type: str, threads: int = 1,
@@ -216,7 +278,8 @@ def compare_with_llamacpp(path: Path, model, tokenizer, export_type: str, thread
             llm.eval(ids)
             got = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
             # llama.cpp keeps F16 activations in float and quantizes TQ ones per 256-block
-            # (Q8_K), not per token: the common reference is ternary weights, float inputs.
+            # (Q8_K), Q2_0 ones per 32 (Q8_0), not per token: the common reference is
+            # ternary weights, float inputs.
             with torch.no_grad(), float_activations(model):
                 ref = model(torch.tensor([ids]), use_cache=False).logits[0].double().numpy()
             squared_error += float(((got - ref) ** 2).sum())

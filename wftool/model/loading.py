@@ -69,12 +69,33 @@ def load_source_model(spec: ModelSpec):
         dtype = torch.float32  # GGUF tensors are dequantized; float32 holds them exactly
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **load)
+        if source.gguf_file:
+            model = _without_gguf_quantizer(model, source)
         tokenizer = load_tokenizer(spec.tokenizer or source.location, config.vocab_size,
                                    spec.revision,
                                    gguf_file=None if spec.tokenizer else source.gguf_file)
     except (OSError, ValueError) as err:
         raise WftError(f"cannot load model '{source.describe()}': {_first_line(err)}") from None
     return model.eval(), tokenizer, family
+
+
+def _without_gguf_quantizer(model, source):
+    """A model loaded from GGUF carries transformers' GGUF quantizer, which refuses to save and
+    to train. wft wants plain float weights: detach it where the tensors were dequantized on
+    load (most architectures), dequantize first where they stayed in GGUF blocks."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    packed = getattr(quantizer, "supported", False) and not quantizer.quantization_config.dequantize
+    if packed:
+        try:
+            return model.dequantize()
+        except (NotImplementedError, ValueError) as err:
+            raise WftError(f"{source.describe()}: transformers keeps this architecture's GGUF "
+                           f"weights packed and cannot dequantize them ({_first_line(err)})",
+                           "convert the GGUF file to a Hugging Face directory first") from None
+    quantizer.remove_quantization_config(model)
+    return model
 
 
 def _family_of(config) -> Family:

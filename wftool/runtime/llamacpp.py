@@ -13,8 +13,10 @@ from wftool.errors import WftError
 
 INSTALL_HINT = "pip install 'wftool[llamacpp]' (builds llama.cpp: ~6-13 min on 2 cores)"
 # What a load failure most often means for a file wft wrote: its I2_S tensors (GGML type 36)
-# belong to BitNet.cpp, which upstream llama.cpp does not know.
-LOAD_HINT = "wft's I2_S files load only in BitNet.cpp (extern/BitNet)"
+# belong to BitNet.cpp, which upstream llama.cpp does not know; Q2_0 (type 42) needs a
+# llama.cpp from 2026 on.
+LOAD_HINT = ("wft's I2_S files load only in BitNet.cpp (extern/BitNet); Q2_0 files need "
+             "llama-cpp-python 0.3.36 or newer")
 
 
 def llamacpp_available() -> bool:
