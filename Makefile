@@ -1,7 +1,9 @@
 # Set-up and everyday commands. Each target creates .venv/ on first use.
 #
-#   make demo   # install, then run the whole BitDistill pipeline on the tiny recipe
+#   make demo   # install, run the whole BitDistill pipeline on the tiny recipe, compare its
+#               # numbers with the README's
 #   make test   # install, then run the test suite
+#   make readme-numbers   # a fresh tiny run, its exports and eval, written into the README
 #
 # CPU machines install the CPU build of torch through constraints/cpu.txt. On a GPU machine
 # run `make test CONSTRAINTS=` (or plain `pip install -e .`) to get PyPI's CUDA build.
@@ -13,7 +15,7 @@ EXTRAS ?= dev,serve,llamacpp,eval
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wft-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean readme-numbers
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +24,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 demo: $(STAMP)
 	$(BIN)/wft pipeline tiny
+	$(BIN)/python docs/readme_numbers.py check runs/tiny
+
+readme-numbers: $(STAMP)
+	rm -rf runs/tiny
+	$(BIN)/wft pipeline tiny
+	for type in tq2_0 tq1_0 q2_0 f16; do $(BIN)/wft export-gguf tiny --type $$type || exit 1; done
+	$(BIN)/wft eval tiny --output runs/tiny/eval.json
+	$(BIN)/python docs/readme_numbers.py update runs/tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
