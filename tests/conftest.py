@@ -32,6 +32,20 @@ def tiny_llama(**overrides):
     return LlamaForCausalLM(LlamaConfig(**values)).eval()
 
 
+def tiny_llama_student(sub_norm: str, **overrides):
+    """A converted Llama student whose widths every GGUF type holds (vocab 512 = the synthetic
+    tokenizer's, hidden 256, FFN 512)."""
+    from wftool.model.families import FAMILIES
+    from wftool.model.surgery import convert_to_bitnet
+
+    values = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+              "num_attention_heads": 4, "num_key_value_heads": 2}
+    values.update(overrides)
+    model = tiny_llama(**values)
+    convert_to_bitnet(model, FAMILIES["llama"], sub_norm)
+    return model
+
+
 def tiny_qwen3(**overrides):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 

@@ -5,27 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import require_llamacpp, tiny_llama
+from tests.conftest import require_llamacpp, tiny_llama_student
 from tests.export.cli import convert_tiny, export
 from wftool.export.gguf_target import GgufTarget, plan_gguf_export
 from wftool.export.gguf_writer import write_gguf
 from wftool.export.validate import check_gguf_tensors
 from wftool.model.families import FAMILIES
-from wftool.model.surgery import convert_to_bitnet
 from wftool.model.tokenizer import train_synthetic_tokenizer
 from wftool.quant.ternary import ternarize
 
 FAMILY = FAMILIES["llama"]
 PROMPTS = ["kiza pa povo vo zafi zi lu domilu sabula zavize nibo zuze"]
-
-
-def _student(sub_norm: str, **overrides):
-    values = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
-              "num_attention_heads": 4, "num_key_value_heads": 2}
-    values.update(overrides)
-    model = tiny_llama(**values)
-    convert_to_bitnet(model, FAMILY, sub_norm)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +25,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def student():  # the paper's SubLN: llama.cpp's `bitnet`
-    return _student("paper")
+    return tiny_llama_student("paper")
 
 
 @pytest.fixture(scope="module")
-def plain_student():  # no sub-norms: llama.cpp's `llama`
-    return _student("none")
+def plaintiny_llama_student():  # no sub-norms: llama.cpp's `llama`
+    return tiny_llama_student("none")
 
 
 def _write(model, tokenizer, sub_norm, export_type, path):
@@ -142,7 +132,7 @@ def test_corrupted_file_is_caught_by_the_read_back(tmp_path, student, tokenizer)
     assert any("blk.0.attn_q.weight" in p for p in problems)
 
 
-def test_export_command_writes_and_validates_the_tiny_student(tmp_path):
+def test_export_command_writes_and_validates_the_tinytiny_llama_student(tmp_path):
     student = convert_tiny(tmp_path)
     out = tmp_path / "tiny.gguf"
     code, text = export(student, out, "--type", "tq1_0")
@@ -187,7 +177,7 @@ def test_llamacpp_runs_an_untied_llama_export_like_pytorch(tmp_path, tokenizer):
     require_llamacpp()
     from wftool.export.validate import compare_with_llamacpp
 
-    model = _student("none", tie_word_embeddings=False)
+    model = tiny_llama_student("none", tie_word_embeddings=False)
     path = tmp_path / "untied.gguf"
     _, written = _write(model, tokenizer, "none", "f16", path)
     assert "output.weight" in {t.name for t in written}

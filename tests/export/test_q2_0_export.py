@@ -6,7 +6,7 @@ which TQ types refuse."""
 import numpy as np
 import pytest
 
-from tests.conftest import require_llamacpp, tiny_llama
+from tests.conftest import require_llamacpp, tiny_llama_student
 from tests.export.cli import convert_tiny, export
 from tests.export.q2_0 import reference_unpack_q2_0
 from wftool.export.gguf_layout import read_gguf_layout
@@ -14,7 +14,6 @@ from wftool.export.gguf_target import GgufTarget, plan_gguf_export
 from wftool.export.gguf_writer import llama_rope_permute, write_gguf
 from wftool.export.validate import check_gguf_tensors, compare_with_llamacpp
 from wftool.model.families import FAMILIES
-from wftool.model.surgery import convert_to_bitnet
 from wftool.model.tokenizer import train_synthetic_tokenizer
 from wftool.quant.ternary import ternarize
 from wftool.runtime.llamacpp import llamacpp_available
@@ -25,15 +24,6 @@ PROMPTS = ["kiza pa povo vo zafi zi lu domilu sabula zavize nibo zuze"]
 # hidden 192 and FFN 320: whole Q2_0 blocks (64), not whole TQ blocks (256).
 NARROW = {"hidden_size": 192, "intermediate_size": 320, "num_attention_heads": 3,
           "num_key_value_heads": 1}
-
-
-def _student(sub_norm: str, **overrides):
-    values = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
-              "num_attention_heads": 4, "num_key_value_heads": 2}
-    values.update(overrides)
-    model = tiny_llama(**values)
-    convert_to_bitnet(model, FAMILY, sub_norm)
-    return model
 
 
 def _write(model, tokenizer, sub_norm, path, export_type="q2_0"):
@@ -50,7 +40,7 @@ def tokenizer():
 @pytest.fixture(scope="module", params=["paper", "none"])
 def exported(request, tmp_path_factory, tokenizer):
     """(sub_norm, model, target, written, path) of a Q2_0 export per architecture."""
-    model = _student(request.param)
+    model = tiny_llama_student(request.param)
     path = tmp_path_factory.mktemp("q2_0") / "m.gguf"
     return (request.param, model, *_write(model, tokenizer, request.param, path), path)
 
@@ -97,7 +87,7 @@ def test_q2_0_blocks_hold_the_codes_and_d_as_the_architecture_needs(exported):
 
 
 def test_corrupted_q2_0_codes_d_or_scale_are_caught(tmp_path, tokenizer):
-    model = _student("paper")
+    model = tiny_llama_student("paper")
     path = tmp_path / "m.gguf"
     target, written = _write(model, tokenizer, "paper", path)
     layout = read_gguf_layout(path)
@@ -114,7 +104,7 @@ def test_corrupted_q2_0_codes_d_or_scale_are_caught(tmp_path, tokenizer):
 
 
 def test_rows_of_64_times_k_go_to_q2_0_where_tq_types_refuse(tmp_path, tokenizer):
-    model = _student("paper", **NARROW)
+    model = tiny_llama_student("paper", **NARROW)
     _, problems = plan_gguf_export(model, FAMILY, "paper", 1.0, "tq2_0")
     [rows] = problems
     assert "q_proj.weight (192, 192): rows of 192 are not a multiple of 256 (TQ2_0)" in \
@@ -127,7 +117,7 @@ def test_rows_of_64_times_k_go_to_q2_0_where_tq_types_refuse(tmp_path, tokenizer
 
 
 def test_a_row_length_not_a_multiple_of_64_is_refused_naming_the_tensor():
-    model = _student("paper", hidden_size=96, intermediate_size=192, num_attention_heads=2,
+    model = tiny_llama_student("paper", hidden_size=96, intermediate_size=192, num_attention_heads=2,
                      num_key_value_heads=1)
     _, problems = plan_gguf_export(model, FAMILY, "paper", 1.0, "q2_0")
     [rows] = problems
@@ -139,7 +129,7 @@ def test_a_row_length_not_a_multiple_of_64_is_refused_naming_the_tensor():
                          ids=["bitnet", "llama", "bitnet-hidden-192"])
 def test_llamacpp_runs_the_q2_0_export_like_pytorch(tmp_path, tokenizer, sub_norm, shape):
     require_llamacpp()
-    model = _student(sub_norm, **shape)
+    model = tiny_llama_student(sub_norm, **shape)
     path = tmp_path / "m.gguf"
     _write(model, tokenizer, sub_norm, path)
     stats = compare_with_llamacpp(path, model, tokenizer, "q2_0", prompts=PROMPTS)

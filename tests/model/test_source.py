@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama_student
 from wftool.errors import WftError
 from wftool.export.gguf_target import plan_gguf_export
 from wftool.export.gguf_writer import write_gguf
 from wftool.model.families import FAMILIES
 from wftool.model.loading import load_source_model
 from wftool.model.source import ModelSource, model_source, package_file
-from wftool.model.surgery import convert_to_bitnet, float_activations
+from wftool.model.surgery import float_activations
 from wftool.model.tokenizer import train_synthetic_tokenizer
 from wftool.recipe.schema import ModelSpec
 
@@ -66,9 +66,7 @@ def test_a_gguf_source_holds_the_weights_it_was_written_with(tmp_path):
     activations), tokenizer included."""
     pytest.importorskip("accelerate")
     family = FAMILIES["llama"]
-    student = tiny_llama(vocab_size=512, hidden_size=256, intermediate_size=512,
-                         num_attention_heads=4, num_key_value_heads=2)
-    convert_to_bitnet(student, family, "none")
+    student = tiny_llama_student("none")
     tokenizer = train_synthetic_tokenizer(512)
     target, problems = plan_gguf_export(student, family, "none", 1.0, "f16")
     assert problems == []
