@@ -29,7 +29,7 @@ def student():  # the paper's SubLN: llama.cpp's `bitnet`
 
 
 @pytest.fixture(scope="module")
-def plaintiny_llama_student():  # no sub-norms: llama.cpp's `llama`
+def plain_student():  # no sub-norms: llama.cpp's `llama`
     return tiny_llama_student("none")
 
 
@@ -132,7 +132,7 @@ def test_corrupted_file_is_caught_by_the_read_back(tmp_path, student, tokenizer)
     assert any("blk.0.attn_q.weight" in p for p in problems)
 
 
-def test_export_command_writes_and_validates_the_tinytiny_llama_student(tmp_path):
+def test_export_command_writes_and_validates_the_tiny_student(tmp_path):
     student = convert_tiny(tmp_path)
     out = tmp_path / "tiny.gguf"
     code, text = export(student, out, "--type", "tq1_0")
