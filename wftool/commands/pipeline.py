@@ -40,7 +40,7 @@ class PipelineRow:
 
     label: str
     path: Path | str
-    seconds: float
+    seconds: float | None  # None: nothing was trained (the source model)
     tokens: int | None
     reused: bool = False
     source: ModelSpec | None = None  # a source model, loaded as `convert` loads it
@@ -151,7 +151,7 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
     if recipe.teacher.train is not None:
         recipe, rows = _with_trained_teacher(recipe, console)
     elif recipe.model.name_or_path:  # the pretrained model the student starts from
-        rows.append(PipelineRow("teacher (FP, original)", recipe.model.name_or_path, 0.0, None,
+        rows.append(PipelineRow("teacher (FP, original)", recipe.model.name_or_path, None, None,
                                 source=recipe.model))
     for stage in recipe.stages:
         console.rule(f"student: {stage}")
@@ -210,10 +210,23 @@ def _evaluate_rows(recipe: Recipe, rows: list[PipelineRow]) -> list[dict]:
                           "task_accuracy": task.get("eval_accuracy"),
                           "examples": floor.get("examples", 0),
                           "majority_accuracy": floor.get("majority_accuracy")})
-        entry.update({"seconds": round(row.seconds, 2), "tokens": row.tokens,
+        own = _stage_objective(row.path)
+        if own is not None:
+            entry["hidden_loss"] = own
+        seconds = None if row.seconds is None else round(row.seconds, 2)
+        entry.update({"seconds": seconds, "tokens": row.tokens,
                       "reused": row.reused})
         results.append(entry)
     return results
+
+
+def _stage_objective(path) -> float | None:
+    """A layer-wise stage's own held-out objective (hidden-state loss) from its final eval."""
+    if not isinstance(path, Path):
+        return None
+    values = json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() \
+        else {}
+    return values.get("eval_hidden")
 
 
 def print_pipeline_table(rows: list[dict], recipe: Recipe, console: Console) -> None:
@@ -229,6 +242,11 @@ def print_pipeline_table(rows: list[dict], recipe: Recipe, console: Console) -> 
     basis = accuracy_basis(rows)
     if basis:
         console.print(basis, highlight=False)
+    for row in rows:
+        if row.get("hidden_loss") is not None:
+            console.print(f"{row['model']}: trained on hidden states, not next-token prediction "
+                          f"(held-out hidden-state loss {row['hidden_loss']:.4g})",
+                          highlight=False)
     for note in accuracy_notes(rows):
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     if any(row.get("reused") for row in rows):
@@ -241,11 +259,17 @@ NUMBER_COLUMNS = [("text\nloss", "text_loss"), ("text\nppl", "text_ppl"),
                   ("tokens", "tokens"), ("time", "seconds")]
 
 
+def _columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The number columns with a value in some row (a text-only recipe has no task columns)."""
+    return [(title, key) for title, key in NUMBER_COLUMNS
+            if key in ("tokens", "seconds") or any(row.get(key) is not None for row in rows)]
+
+
 def pipeline_titles(rows: list[dict]) -> list[str]:
     """The number columns' titles (two lines each, so the table fits 80 columns)."""
     shared = accuracy_basis(rows) is not None
     return [title if key != "task_accuracy" or shared else "task acc %\n(n, floor)"
-            for title, key in NUMBER_COLUMNS]
+            for title, key in _columns(rows)]
 
 
 def pipeline_cells(row: dict, rows: list[dict]) -> list[str]:
@@ -253,7 +277,7 @@ def pipeline_cells(row: dict, rows: list[dict]) -> list[str]:
     (the README's generated table uses the same)."""
     shared = accuracy_basis(rows) is not None
     return [accuracy_cell(row, shared) if key == "task_accuracy" else _cell(key, row)
-            for _, key in NUMBER_COLUMNS]
+            for _, key in _columns(rows)]
 
 
 def _cell(key: str, row: dict) -> str:
@@ -264,7 +288,9 @@ def _cell(key: str, row: dict) -> str:
         return _count(value)
     if key == "seconds":
         return format_duration(value) + (" *" if row.get("reused") else "")
-    return f"{value:.3f}" if "loss" in key else f"{value:.2f}"
+    if "loss" in key:
+        return f"{value:.3f}"
+    return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"  # a broken model's ppl: 6.02e+07
 
 
 def _count(tokens: int) -> str:
