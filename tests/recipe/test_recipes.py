@@ -7,7 +7,8 @@ from wftool.errors import WftError
 from wftool.recipe import STAGES, Recipe, bundled_recipes, load_recipe
 from wftool.recipe.load import apply_overrides, override_path
 
-EXPECTED_RECIPES = {"tiny", "smollm2_135m", "smollm2_1_7b", "qwen3_0_6b", "qwen3_4b", "byo"}
+EXPECTED_RECIPES = {"tiny", "smollm2_135m", "smollm2_135m_cpu", "smollm2_135m_gpu", "smollm2_1_7b",
+                    "qwen3_0_6b", "qwen3_4b", "byo"}
 
 
 def test_all_expected_recipes_are_bundled():
