@@ -63,10 +63,18 @@ def test_convert_reports_the_export_plan_for_the_recipes_export_type(tmp_path):
     assert tq.exit_code == 0, tq.output
     assert "llama.cpp bitnet: no" in tq.output and "(576, 576)" in tq.output
     assert "not a multiple of 256 (TQ2_0)" in tq.output
+    shown = " ".join(tq.output.replace("│", " ").split())
+    assert "TQ2_0 (export.type) cannot hold rows of 576" in shown  # no size for it
+    assert "MB as TQ2_0" not in shown
     f16 = runner.invoke(app, ["convert", "tiny", "--output", str(out), "--force", *wide,
                               "export.type=f16"])
     assert f16.exit_code == 0, f16.output
     assert "llama.cpp bitnet: ok as F16" in f16.output
+    q2 = runner.invoke(app, ["convert", "tiny", "--output", str(out), "--force", *wide,
+                             "export.type=q2_0"])
+    assert q2.exit_code == 0, q2.output
+    assert "llama.cpp bitnet: ok as Q2_0" in q2.output
+    assert "MB as Q2_0 (export.type)" in " ".join(q2.output.replace("│", " ").split())
 
 
 def test_convert_unsupported_family_exits_2(tmp_path):

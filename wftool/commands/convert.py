@@ -9,10 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 from wftool.errors import WftError
-from wftool.export.gguf_target import BITS_PER_WEIGHT, plan_gguf_export
+from wftool.export.gguf_target import BITS_PER_WEIGHT, ROW_MULTIPLE, plan_gguf_export
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
 from wftool.model.loading import load_source_model
 from wftool.model.surgery import ConversionReport, convert_to_bitnet, set_quant_mix
+from wftool.quant.bitlinear import BitLinear
 from wftool.recipe.schema import Recipe
 from wftool.train.remote import stage_url, upload_dir
 
@@ -25,6 +26,7 @@ class ConvertResult:
     gguf_arch: str  # the llama.cpp architecture its SubLN placement exports to
     gguf_type: str  # the recipe's export.type, which the check below is for
     gguf_blockers: list[str]  # why `wft export-gguf` would refuse it (empty: it fits)
+    row_misfit: int | None = None  # a projection row length the export type cannot hold
 
 
 def default_convert_output(recipe: Recipe) -> Path:
@@ -59,8 +61,11 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
     target, blockers = plan_gguf_export(model, family, stage.sub_norm, meta.quant_mix,
                                         export_type, tokenizer)
     arch = target.arch if target else "bitnet"  # no architecture fits: the paper's is nearest
+    multiple = ROW_MULTIPLE.get(export_type)
+    misfit = next((m.in_features for m in model.modules() if isinstance(m, BitLinear)
+                   and multiple and m.in_features % multiple), None)
     return ConvertResult(output, report, family.name, arch, export_type,
-                         [b.reason for b in blockers])
+                         [b.reason for b in blockers], misfit)
 
 
 def _first_sub_norm_eps(model) -> float:
@@ -87,11 +92,13 @@ def print_convert_summary(result: ConvertResult, recipe: Recipe, console: Consol
     table.add_row("full precision", ", ".join(report.kept_full_precision) or "-")
     # Storage of the projections: latent fp32 for training vs the recipe's export type.
     export_mb = report.quantized_params * BITS_PER_WEIGHT[result.gguf_type] / 8 / 1e6
-    table.add_row(
-        "ternary size",
-        f"{report.quantized_params * 4 / 1e6:.1f} MB as fp32 -> {export_mb:.1f} MB as "
-        f"{result.gguf_type.upper()} (export.type)",
-    )
+    latent = f"{report.quantized_params * 4 / 1e6:.1f} MB as fp32"
+    if result.row_misfit:  # no size for a file that cannot be written
+        size = (f"{latent}; {result.gguf_type.upper()} (export.type) cannot hold rows of "
+                f"{result.row_misfit}")
+    else:
+        size = f"{latent} -> {export_mb:.1f} MB as {result.gguf_type.upper()} (export.type)"
+    table.add_row("ternary size", size)
     target = f"llama.cpp {result.gguf_arch}"
     if result.gguf_blockers:
         gguf = f"{target}: no (" + "; ".join(result.gguf_blockers) + ")"
