@@ -62,7 +62,7 @@ def _losses(recipe, stage) -> list[float]:
 @pytest.mark.slow
 def test_every_stage_trains_a_bf16_checkpoint_in_bf16_with_fp32_masters(tmp_path):
     source = save_small_model(tmp_path / "source", "bfloat16")
-    losses = {}
+    losses, evals = {}, {}
     for precision, dtype in (("bf16", "auto"), ("fp32", "float32")):
         recipe = load_recipe(_recipe_file(tmp_path / precision, source, dtype, precision))
         run_convert(recipe)
@@ -70,6 +70,7 @@ def test_every_stage_trains_a_bf16_checkpoint_in_bf16_with_fp32_masters(tmp_path
                            ("distill", run_distill)):
             result = run(recipe)
             losses[precision, stage] = _losses(recipe, stage)
+            evals[precision, stage] = result.eval
             stage_dir = Path(recipe.stage_dir(stage))
             # Checkpoints hold fp32 masters and fp32 optimizer state (Adam moments)...
             assert _saved_float_dtypes(stage_dir / "step-6") == {
@@ -88,6 +89,9 @@ def test_every_stage_trains_a_bf16_checkpoint_in_bf16_with_fp32_masters(tmp_path
         assert len(bf16) == len(fp32) == 6 and torch.isfinite(bf16).all()
         torch.testing.assert_close(bf16, fp32, rtol=LOSS_RTOL, atol=0.0, msg=stage)
         assert bf16.ne(fp32).any(), f"{stage}: bf16 autocast was not in force"
+    # Layer-wise's own held-out objective (teacher forward included) under autocast too.
+    hidden = {p: evals[p, "layerwise"]["eval_hidden"] for p in ("bf16", "fp32")}
+    assert hidden["bf16"] == pytest.approx(hidden["fp32"], rel=0.05) and hidden["bf16"] > 0
 
 
 def test_small_learning_rate_moves_bf16_checkpoint_weights(tmp_path):
