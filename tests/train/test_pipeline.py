@@ -123,6 +123,12 @@ def test_text_pipeline_has_the_original_model_and_a_same_token_bitnet_arm(tmp_pa
     assert ("student after layerwise: trained on hidden states, not next-token prediction "
             "(held-out hidden-state loss") in shown
     assert "task loss" not in shown  # no task: no task columns
+    # With another teacher named, the source model's row says it is only the original.
+    again = CliRunner().invoke(app, ["pipeline", recipe, *overrides,
+                                     f"teacher.name_or_path={source}"])
+    assert again.exit_code == 0, again.output
+    rows = [r["model"] for r in json.loads((runs / "pipeline.json").read_text())]
+    assert rows[0] == "original model (FP)"
     from wftool.model.checkpoint import read_metadata
 
     assert read_metadata(runs / "baseline" / "convert").sub_norm == "none"

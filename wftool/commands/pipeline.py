@@ -90,15 +90,9 @@ def _with_trained_teacher(recipe: Recipe, console: Console) -> tuple[Recipe, lis
 
 def _baseline(recipe: Recipe, console: Console) -> PipelineRow:
     """BitNet-SFT: convert without SubLN, then task fine-tuning with CE only, same budget."""
-    root = Path(recipe.output_dir) / recipe.name / "baseline"
     console.rule("baseline: BitNet-SFT")
     start = time.perf_counter()
-    plain = recipe.model_copy(update={
-        "convert": recipe.convert.model_copy(update={"sub_norm": "none",
-                                                     "output": str(root / "convert")}),
-    })
-    if not (root / "convert" / "config.json").exists():
-        run_convert(plain, force=True)
+    plain, root = _converted_without_sub_norms(recipe)
     result = run_pretrain(plain, console, output_dir=root / "sft", stage_label="baseline",
                           init=root / "convert", training=recipe.distill.training,
                           data=recipe.distill.data or recipe.data, quantize=True,
@@ -111,22 +105,30 @@ def _text_baseline(recipe: Recipe, console: Console) -> PipelineRow:
     """BitNet-SFT for a recipe without a task: convert without SubLN, then continued
     pre-training (CE) with the pretrain settings on as many tokens as layerwise and pretrain
     get together, from the same data: what BitDistill's first two stages are compared with."""
-    root = Path(recipe.output_dir) / recipe.name / "baseline"
     console.rule("baseline: BitNet-SFT (no SubLN, no layerwise, same tokens)")
     start = time.perf_counter()
     training = same_token_budget(recipe)
-    plain = recipe.model_copy(update={
-        "convert": recipe.convert.model_copy(update={"sub_norm": "none",
-                                                     "output": str(root / "convert")}),
-        "pretrain": recipe.pretrain.model_copy(update={"training": training}),
-    })
-    if not (root / "convert" / "config.json").exists():
-        run_convert(plain, force=True)
+    plain, root = _converted_without_sub_norms(
+        recipe, pretrain=recipe.pretrain.model_copy(update={"training": training}))
     result = run_pretrain(plain, console, output_dir=root / "sft", stage_label="baseline",
                           init=root / "convert", training=training, quantize=True,
                           training_key="pretrain.training", resume=ResumeSpec(),
                           resume_key=None)
     return _trained_row("BitNet-SFT (no SubLN, no layerwise)", result.final_dir, start)
+
+
+def _converted_without_sub_norms(recipe: Recipe, **sections) -> tuple[Recipe, Path]:
+    """The baseline's recipe (convert.sub_norm none, plus `sections`) and its folder, with
+    the model converted there once (a rerun reuses it)."""
+    root = Path(recipe.output_dir) / recipe.name / "baseline"
+    plain = recipe.model_copy(update={
+        "convert": recipe.convert.model_copy(update={"sub_norm": "none",
+                                                     "output": str(root / "convert")}),
+        **sections,
+    })
+    if not (root / "convert" / "config.json").exists():
+        run_convert(plain, force=True)
+    return plain, root
 
 
 def same_token_budget(recipe: Recipe) -> TrainingSpec:
@@ -151,7 +153,9 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
     if recipe.teacher.train is not None:
         recipe, rows = _with_trained_teacher(recipe, console)
     elif recipe.model.name_or_path:  # the pretrained model the student starts from
-        rows.append(PipelineRow("teacher (FP, original)", recipe.model.name_or_path, None, None,
+        # It is the teacher unless the recipe names another one.
+        label = "original model (FP)" if teacher.name_or_path else "teacher (FP, original)"
+        rows.append(PipelineRow(label, recipe.model.name_or_path, None, None,
                                 source=recipe.model))
     for stage in recipe.stages:
         console.rule(f"student: {stage}")
