@@ -211,6 +211,14 @@ class TrainingSpec(Section):
     max_steps: Count = 1000
     micro_batch_size: Int = Field(8, ge=1, le=MAX_BATCH)
     grad_accum: Int = Field(1, ge=1, le=MAX_BATCH)
+    global_batch_size: Int | None = Field(
+        None, ge=1, le=MAX_BATCH * MAX_BATCH,
+        description="Rows per optimizer step over all processes. Set: micro_batch_size and "
+        "grad_accum are chosen for the GPU (`gpu_profile`) and the process count.")
+    gpu_profile: Literal["auto", "a10g", "l4", "a100-40gb", "a100-80gb", "h100", "h200",
+                         "b200"] = Field(
+        "auto", description="With global_batch_size: the GPU whose memory sizes the micro-batch "
+        "(`auto`: the one this process runs on).")
     lr: Float = Field(3e-4, gt=0.0, le=1.0)
     min_lr_ratio: Fraction = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -343,13 +351,61 @@ class ServeStage(Section):
 
 
 class LaunchStage(Section):
-    backend: Literal["local", "torchrun", "skypilot", "modal"] = "local"
+    """Where `wft launch` runs the recipe: a SkyPilot cloud or Modal."""
+
+    backend: Literal["skypilot", "modal"] = Field(
+        "skypilot", description="`skypilot`: any SkyPilot cloud (managed job, preemption "
+        "recovery); `modal`: Modal's GPUs (extra: cloud).")
     infra: str | None = Field(
-        None, description="SkyPilot infra, e.g. nebius, runpod, aws/us-east-1.")
-    accelerators: str | None = Field(None, description="e.g. H100:8")
-    nodes: Int = Field(1, ge=1, le=10_000)
-    gpus_per_node: Int | None = Field(None, ge=1, le=1024)
-    use_spot: bool = False
+        None, description="SkyPilot infra: a cloud (nebius, runpod, aws, gcp, lambda, azure, "
+        "kubernetes, ...), optionally /region[/zone], e.g. aws/us-east-1. Unset: any enabled "
+        "cloud SkyPilot finds the GPUs on.")
+    accelerators: str = Field(
+        "H100:8", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(:[1-9][0-9]*)?$",
+        description="GPU type and count per node, e.g. H100:8, A100-80GB:4, L4.")
+    nodes: Int = Field(1, ge=1, le=10_000, description="Machines; each runs one process per GPU.")
+    use_spot: bool = Field(False, description="Spot/preemptible machines (the managed job "
+                           "resumes from the last checkpoint after a preemption).")
+    disk_size: Int = Field(256, ge=32, le=65_536, description="Disk per node in GB.")
+    network_tier: Literal["standard", "best"] | None = Field(
+        None, description="`best`: the cloud's fastest interconnect (Nebius: InfiniBand, "
+        "8-GPU H100/H200/B200/B300 nodes only).")
+    bucket: PathText | None = Field(
+        None, description="SkyPilot: bucket URL (s3://, gs://, r2://, ...) mounted at "
+        "/wft-runs for every stage's checkpoints and final/ (not on RunPod, which cannot "
+        "mount buckets: set sync_to there). Unset: the node's disk (lost with the node).")
+    volume: str = Field(
+        "wft-runs", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Modal: the Volume holding checkpoints, outputs and the Hugging Face cache.")
+    secrets: list[str] = Field(
+        default_factory=lambda: ["HF_TOKEN", "WANDB_API_KEY"], max_length=64,
+        description="Names of environment variables passed to the job as secrets (SkyPilot: "
+        "from your environment; Modal: Secrets of these names). Values are never written to "
+        "a file or a log.")
+    max_restarts: Int = Field(
+        3, ge=0, le=1000, description="Restarts after a failure that is not a preemption "
+        "(preemptions always restart); each resumes from the last checkpoint.")
+    job_name: RunName | None = Field(None, description="Default: wft-<name>-<stage>.")
+
+
+class DistributedSpec(Section):
+    """Training on several processes (GPUs, nodes) through torchrun."""
+
+    nproc_per_node: Int = Field(
+        1, ge=1, le=1024, description="Processes per machine, one per GPU (`wft <stage> "
+        "--nproc-per-node`).")
+    nnodes: Int = Field(1, ge=1, le=10_000, description="Machines (`--nnodes`).")
+    strategy: Literal["fsdp2", "ddp"] = Field(
+        "fsdp2", description="`fsdp2`: parameters, gradients and optimizer state sharded per "
+        "decoder layer (fully_shard); `ddp`: a full replica per process.")
+    teacher: Literal["replicate", "shard"] = Field(
+        "replicate", description="The frozen teacher: a full copy per process (no "
+        "communication), or sharded like the student (memory / number of processes).")
+    data_shards: Int | None = Field(
+        None, ge=1, le=1 << 16, description="Split the training data into this many shards "
+        "(default: the number of processes). A run resumes exactly at any process count that "
+        "divides it. Fixed by a run's first checkpoint.")
+    master_port: Int = Field(29500, ge=1, le=65535, description="Rendezvous port (several nodes).")
 
 
 class Recipe(Section):
@@ -383,6 +439,7 @@ class Recipe(Section):
     export: ExportStage = Field(default_factory=ExportStage)
     serve: ServeStage = Field(default_factory=ServeStage)
     launch: LaunchStage = Field(default_factory=LaunchStage)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> Recipe:
