@@ -116,7 +116,11 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except WftError as err:
-            error_console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
+            # Under torchrun every rank may fail; the others say which they are.
+            rank = distributed_rank()
+            where = f"(rank {rank}) " if rank else ""
+            error_console.print(f"[bold red]error:[/] {where}{escape(err.message)}",
+                                highlight=False)
             if err.hint:
                 error_console.print(f"[yellow]hint:[/] {escape(err.hint)}", highlight=False)
             raise typer.Exit(err.exit_code) from None
@@ -229,17 +233,63 @@ def _stage_examples(stage) -> str:
 
 def _training_command(stage: str):
     @user_errors
-    def command(recipe: RecipeArg, overrides: OverridesArg = None):
+    def command(
+        recipe: RecipeArg,
+        overrides: OverridesArg = None,
+        nproc_per_node: Annotated[Optional[int], typer.Option(
+            min=1, help="Processes on this machine, one per GPU, through torchrun "
+            "(default: distributed.nproc_per_node).")] = None,
+        nnodes: Annotated[Optional[int], typer.Option(
+            min=1, help="Machines in the run (default: distributed.nnodes).")] = None,
+        node_rank: Annotated[Optional[int], typer.Option(
+            min=0, help="This machine's rank, 0 to nnodes-1.")] = None,
+        master_addr: Annotated[Optional[str], typer.Option(
+            help="Address of node rank 0 (several machines).")] = None,
+        master_port: Annotated[Optional[int], typer.Option(
+            min=1, max=65535, help="Rendezvous port (default: distributed.master_port).")] = None,
+        dry_run: Annotated[bool, typer.Option(
+            help="Print the torchrun command this runs, and exit.")] = False,
+    ):
         config = _load(recipe, overrides, stage)
+        from wftool.train.torchrun import (
+            describe,
+            needs_torchrun,
+            resolve_processes,
+            run_torchrun,
+            torchrun_argv,
+        )
+
+        processes = resolve_processes(config, nproc_per_node, nnodes, node_rank, master_addr,
+                                      master_port)
+        if needs_torchrun(processes) or dry_run:
+            argv = torchrun_argv(processes, [stage, recipe, *(overrides or [])])
+            if dry_run:
+                console.print(describe(argv), highlight=False, markup=False, soft_wrap=True)
+                return
+            check_output_dir(Path(config.stage_dir(stage)), "output_dir")
+            code = run_torchrun(argv)
+            if code:
+                raise typer.Exit(code)
+            return
         check_output_dir(Path(config.stage_dir(stage)), "output_dir")
         from wftool.stage_registry import get_stage
+        from wftool.train import distributed
 
-        result = get_stage(stage).run_function()(config, console)
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items())
-        console.print(f"[green]{stage} done[/] after {result.steps} steps: {summary}")
-        console.print(f"saved to {result.final_dir}")
+        try:
+            result = get_stage(stage).run_function()(config, console)
+        finally:
+            distributed.shutdown()
+        if distributed_rank() == 0:
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in result.eval.items())
+            console.print(f"[green]{stage} done[/] after {result.steps} steps: {summary}")
+            console.print(f"saved to {result.final_dir}")
 
     return command
+
+
+def distributed_rank() -> int:
+    """This process's rank under torchrun (0 otherwise), without importing torch."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _register_stage_commands() -> None:

@@ -74,10 +74,11 @@ def replace_directory(tmp: Path, final: Path) -> None:
 
 def save_model_dir(
     model, tokenizer, output: str | Path, meta: TernaryMetadata | None = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str] | None = None, state_dict: dict | None = None,
 ) -> Path:
     """Write model + tokenizer (+ `extra_files`, name -> text) atomically to ``output``,
-    replacing it if present.
+    replacing it if present. `state_dict`: the weights to write instead of the model's own
+    (those gathered from the shards of a sharded model).
 
     ``meta`` marks a ternary student; without it the directory is a plain Hugging Face model
     (a full-precision teacher) that any transformers user can load.
@@ -96,7 +97,7 @@ def save_model_dir(
             setattr(model.config, CONFIG_KEY, asdict(meta))
         elif hasattr(model.config, CONFIG_KEY):
             delattr(model.config, CONFIG_KEY)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

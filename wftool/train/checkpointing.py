@@ -227,12 +227,15 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, model, optimizers, schedulers, *, load_optimizer: bool = True,
-             load_scheduler: bool = True) -> tuple[dict, dict]:
-        """Restore state from `path`; returns (trainer_state, data_state of this rank)."""
+             load_scheduler: bool = True, world_size: int = 1) -> tuple[dict, list[dict]]:
+        """Restore state from `path`; returns (trainer_state, the data state every rank
+        saved). DCP re-shards model and optimizer state for any process count; the RNG state
+        of this rank is restored when the process count is the one that saved it."""
         try:
             verify(path)
             trainer_state = _read_state(path, "trainer_state")
-            rank_state = _read_state(path, f"rank{_rank()}")
+            saved_world = trainer_state.get("world_size", 1)
+            rank_states = [_read_state(path, f"rank{r}") for r in range(saved_world)]
             # Asking for optimizer state initialises it, so only do that when loading it.
             state = {"model": get_model_state_dict(model)}
             if load_optimizer:
@@ -250,5 +253,6 @@ class CheckpointManager:
         if load_scheduler:
             for scheduler, saved in zip(schedulers, trainer_state["schedulers"]):
                 scheduler.load_state_dict(saved)
-        set_rng_state(rank_state["rng"])
-        return trainer_state, rank_state["data"]
+        if saved_world == world_size:
+            set_rng_state(rank_states[_rank()]["rng"])
+        return trainer_state, [rank["data"] for rank in rank_states]

@@ -143,34 +143,51 @@ def evaluate_model(model, batches: list[dict], task: bool, device=None, autocast
                    held_out=None) -> dict:
     """{"eval_loss", "eval_ppl"[, "eval_accuracy"]} over `batches`; {} without batches.
     `held_out(outputs, batch) -> {name: tensor}` adds a stage's own objective as
-    "eval_<name>" (the forward then returns hidden states), weighted like the loss."""
+    "eval_<name>" (the forward then returns hidden states), weighted like the loss.
+
+    With several processes each scores its share of the batches and the sums are added up;
+    every rank runs the same number of forwards (one without a batch left repeats the first,
+    counted zero times), since a sharded model's forward is a collective."""
+    from wftool.train.distributed import all_reduce_sum, world
+
     if not batches:
         return {}
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
+    rank, world_size = world()
     was_training = model.training
     model.eval()
-    total_loss, total_tokens, correct, judged = 0.0, 0, 0, 0
-    extra: dict[str, float] = {}
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+    sums: dict[str, float] = {"loss": 0.0, "tokens": 0.0, "correct": 0.0, "judged": 0.0}
+    for first in range(0, len(batches), world_size):
+        index = first + rank
+        counted = index < len(batches)
+        batch = {k: v.to(device) for k, v in batches[index if counted else 0].items()}
         with autocast():
             outputs = model(**model_inputs(batch), output_hidden_states=held_out is not None)
             parts = held_out(outputs, batch) if held_out is not None else {}
-        logits = outputs.logits
-        labels = batch["labels"]
+        if not counted:
+            continue
+        logits, labels = outputs.logits, batch["labels"]
         n = int(labels[:, 1:].ne(IGNORE_INDEX).sum())
-        total_loss += causal_lm_loss(logits, labels).item() * n
+        sums["loss"] += causal_lm_loss(logits, labels).item() * n
+        sums["tokens"] += n
         for name, value in parts.items():
-            extra[name] = extra.get(name, 0.0) + float(value) * n
-        total_tokens += n
+            sums[f"eval_{name}"] = sums.get(f"eval_{name}", 0.0) + float(value) * n
         if task:
             c, j = answer_accuracy(logits, labels)
-            correct, judged = correct + c, judged + j
+            sums["correct"] += c
+            sums["judged"] += j
     model.train(was_training)
-    loss = total_loss / max(total_tokens, 1)
+    if world_size > 1:
+        names = list(sums)  # the same on every rank: the same objective scored
+        totals = all_reduce_sum(torch.tensor([sums[k] for k in names], dtype=torch.float64,
+                                             device=device))
+        sums = dict(zip(names, totals.tolist()))
+    tokens = max(sums.pop("tokens"), 1)
+    loss = sums.pop("loss") / tokens
+    correct, judged = sums.pop("correct"), sums.pop("judged")
     result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    result.update({f"eval_{name}": value / max(total_tokens, 1) for name, value in extra.items()})
+    result.update({name: value / tokens for name, value in sums.items()})
     if judged:
         result["eval_accuracy"] = correct / judged
     return result

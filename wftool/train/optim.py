@@ -43,8 +43,10 @@ def _is_hidden_matrix(name: str, param: nn.Parameter, model: nn.Module) -> bool:
     return id(param) not in embeddings
 
 
-def build_optimizers(model: nn.Module, spec: TrainingSpec) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for hidden matrices with AdamW for the rest."""
+def build_optimizers(model: nn.Module, spec: TrainingSpec,
+                     sharded: bool = False) -> list[torch.optim.Optimizer]:
+    """AdamW for everything, or Muon for hidden matrices with AdamW for the rest.
+    `sharded`: the parameters are FSDP2 shards, which Muon updates through `ShardedMuon`."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]
@@ -59,7 +61,10 @@ def build_optimizers(model: nn.Module, spec: TrainingSpec) -> list[torch.optim.O
         hidden = [p for n, p in named if _is_hidden_matrix(n, p, model)]
         hidden_ids = {id(p) for p in hidden}
         rest_decay = [p for p in decay if id(p) not in hidden_ids]
-        muon = torch.optim.Muon(
+        muon_class = torch.optim.Muon
+        if sharded:
+            from wftool.train.muon import ShardedMuon as muon_class
+        muon = muon_class(
             hidden, lr=spec.lr, weight_decay=spec.weight_decay, adjust_lr_fn="match_rms_adamw"
         )
         adamw = torch.optim.AdamW(

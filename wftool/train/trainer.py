@@ -13,6 +13,7 @@ under bf16 autocast on GPUs; a frozen teacher keeps the recipe's `teacher.dtype`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,16 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
+from wftool.train import distributed
+
 from wftool.atomic import disk_full_error, is_disk_full
-from wftool.data.packing import build_stream
 from wftool.errors import WftError
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
 from wftool.model.surgery import current_quant_mix
 from wftool.recipe.schema import DataSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.train.checkpointing import CheckpointManager, CorruptCheckpoint
+from wftool.train.data_shards import ShardedStream, check_layout, saved_positions
 from wftool.train.evaluation import eval_batches, evaluate_model
 from wftool.train.hooks import QuantWarmup, StepHook
 from wftool.train.metrics import MetricsLog, TensorBoardSink, WandbSink, peak_memory_gb
@@ -83,19 +85,6 @@ class TrainResult:
     eval: dict
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -107,34 +96,37 @@ class Trainer:
         self.run = run
         self.console = console
         self.spec = run.training
-        self.rank, self.world_size = _dist_info()
+        self.rank, self.world_size = distributed.world()
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         run, spec = self.run, self.spec
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            raise WftError(
-                "wft trains each stage in one process today; multi-process training "
-                "(torchrun, FSDP2) is not available yet",
-                "run the stage without torchrun (it uses the first GPU)")
-        self.device = _device()
+        distributed.init_from_environment()
+        self.rank, self.world_size = distributed.world()
+        self.device = distributed.process_device()
         self.precision: Precision = resolve_precision(spec.precision, self.device)
         torch.manual_seed(spec.seed + self.rank)
         # fp32 masters: AdamW on bf16 weights loses most small updates.
         self.model = run.model.to(device=self.device, dtype=torch.float32)
+        settings = run.recipe.distributed
         for module in run.extra_modules:
-            module.to(self.device)
+            distributed.place_teacher(module, settings.teacher, self.device)
         self.model.train()
         if spec.activation_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable()
-        self.forward_model = torch.compile(self.model) if spec.compile else self.model
+            # Non-reentrant: the variant FSDP2 and DDP support.
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.strategy = settings.strategy if self.world_size > 1 else None
+        wrapped = (distributed.shard_student(self.model, self.strategy, self.device)
+                   if self.strategy else self.model)
+        self.forward_model = torch.compile(wrapped) if spec.compile else wrapped
         self.hooks: list[StepHook] = list(getattr(run.objective, "hooks", ()))
         if run.meta is not None:
             self.hooks.insert(0, QuantWarmup(self.model, run.warmup_steps))
-        self.optimizers = build_optimizers(self.model, spec)
+        self.optimizers = build_optimizers(self.model, spec,
+                                           sharded=self.strategy == "fsdp2")
         self.schedulers = build_schedulers(self.optimizers, spec)
-        self.train_stream = build_stream(run.data, run.tokenizer, "train", self.rank,
-                                         self.world_size)
+        self.train_stream: ShardedStream | None = None  # built once the shard count is known
         self.eval_batches = eval_batches(run.data, run.tokenizer, spec.micro_batch_size)
         self.checkpoints = CheckpointManager(run.output_dir, spec.keep_last)
         self.step = 0
@@ -143,6 +135,8 @@ class Trainer:
         if run.resume.mode == "never":
             self._set_aside_previous_run()
         resumed = self._resume() if run.resume.mode == "auto" else None
+        if self.train_stream is None:
+            self._open_data(settings.data_shards or self.world_size)
         self.complete = self._check_progress()
         self.sinks = []
         if self.rank == 0 and not self.complete:
@@ -166,9 +160,22 @@ class Trainer:
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         teacher = {str(p.dtype).removeprefix("torch.") for m in self.run.extra_modules
                    for p in m.parameters()}
-        return (f"{self.run.stage}: {params:,} trainable parameters on {self.device} "
-                f"x {self.world_size} · {self.precision.describe()}"
+        processes = (f" x {self.world_size} processes ({self.strategy}, data in "
+                     f"{self.train_stream.shards} shards)" if self.world_size > 1 else "")
+        return (f"{self.run.stage}: {params:,} trainable parameters on {self.device}"
+                f"{processes} · {self.precision.describe()}"
                 + (f" · teacher {', '.join(sorted(teacher))}" if teacher else ""))
+
+    def _open_data(self, shards: int, saved_rows: int | None = None) -> None:
+        spec = self.spec
+        check_layout(shards, self.world_size, spec.grad_accum, self.run.training_key,
+                     spec.micro_batch_size, saved_rows)
+        self.train_stream = ShardedStream(self.run.data, self.run.tokenizer, shards,
+                                          self.rank, self.world_size)
+
+    def _global_rows(self) -> int:
+        """Rows per optimizer step over all processes."""
+        return self.spec.micro_batch_size * self.spec.grad_accum * self.world_size
 
     def _set_aside_previous_run(self) -> None:
         """`resume.mode=never`: move an earlier run out of the way (kept, not deleted), so
@@ -183,25 +190,32 @@ class Trainer:
                 aside = out.with_name(f"{out.name}.replaced-{stamp}-{n}")
             os.replace(out, aside)
             self._say(f"resume.mode=never: moved the previous {self.run.stage} run to {aside}")
-        if dist.is_initialized():
-            dist.barrier()
+        distributed.barrier()
 
     def _resume(self) -> int | None:
         """Load the newest usable checkpoint; a corrupt one is reported and skipped."""
         candidates = self.checkpoints.complete_steps()
         for path in candidates:
             try:
-                state, data_state = self.checkpoints.load(
+                state, data_states = self.checkpoints.load(
                     path, self.model, self.optimizers, self.schedulers,
                     load_optimizer=self.run.resume.load_optimizer,
                     load_scheduler=self.run.resume.load_scheduler,
+                    world_size=self.world_size,
                 )
-            except CorruptCheckpoint as err:
+                shards, positions = saved_positions(data_states)
+            except (CorruptCheckpoint, ValueError) as err:
                 self._say(f"[yellow]skipping unusable checkpoint[/] {err}")
                 continue
             self.step = state["step"]
             self.tokens_seen = state.get("tokens_seen", 0)
-            self.train_stream.load_state_dict(data_state)
+            self._check_shard_setting(shards)
+            self._open_data(shards, state.get("global_rows"))
+            self.train_stream.load_state_dict(positions)
+            saved_rows = state.get("global_rows")
+            if saved_rows and saved_rows != self._global_rows():
+                self._say(f"[yellow]the global batch changes from {saved_rows} rows per step "
+                          f"(before step {self.step}) to {self._global_rows()}[/]")
             hook_states = state.get("hooks")
             for hook in self.hooks:
                 if hook_states is None and isinstance(hook, QuantWarmup):
@@ -218,6 +232,14 @@ class Trainer:
                 self.run.start_over_hint(),
             )
         return None
+
+    def _check_shard_setting(self, shards: int) -> None:
+        wanted = self.run.recipe.distributed.data_shards
+        if wanted is not None and wanted != shards:
+            raise WftError(
+                f"distributed.data_shards={wanted}, but the run in {self.run.output_dir} "
+                f"splits its data into {shards} shards (fixed by its first checkpoint)",
+                f"remove the setting to resume, or {self.run.start_over_hint()}")
 
     def _check_progress(self) -> bool:
         """True when this run already finished; an error when it went past `max_steps`."""
@@ -305,21 +327,22 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         parts_total: dict[str, torch.Tensor] = {}
         tokens = 0
-        for _ in range(spec.grad_accum):
+        for micro in range(spec.grad_accum):
             batch = self.train_stream.next_batch(spec.micro_batch_size)
             mask = batch.get("attention_mask")  # counted on the host, before the copy
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             batch = self._to_device(batch)
-            with self.precision.autocast(self.device):
-                loss, parts = run.objective(self.forward_model, batch, progress)
-            (loss / spec.grad_accum).backward()
+            with self._gradient_sync(micro == spec.grad_accum - 1):
+                with self.precision.autocast(self.device):
+                    loss, parts = run.objective(self.forward_model, batch, progress)
+                (loss / spec.grad_accum).backward()
             loss_total += loss.detach().float() / spec.grad_accum
             for key, value in parts.items():
                 parts_total[key] = parts_total.get(key, 0.0) + value.float() / spec.grad_accum
         record: dict = {"loss": loss_total, **{f"loss_{k}": v for k, v in parts_total.items()}}
         if spec.grad_clip:
-            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                 spec.grad_clip)
+            record["grad_norm"] = distributed.to_full(torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), spec.grad_clip))
         record["lr"] = self.schedulers[0].get_last_lr()[0]
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.step()
@@ -331,6 +354,13 @@ class Trainer:
         self.tokens_seen += tokens * self.world_size
         record.update({"tokens": self.tokens_seen, "_tokens": tokens})
         return record
+
+    def _gradient_sync(self, last_micro_batch: bool):
+        """DDP all-reduces gradients once per step, at the last micro-batch (FSDP2
+        reduce-scatters every micro-batch, which keeps gradients sharded in between)."""
+        if self.strategy == "ddp" and not last_micro_batch:
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
 
     def _say_estimate(self, first_step: float) -> None:
         """Before the run is under way: its length from the first step's time."""
@@ -349,8 +379,7 @@ class Trainer:
         slots = [(r, k) for r in records for k, v in r.items() if torch.is_tensor(v)]
         if slots:
             values = torch.stack([r[k].detach().float().reshape(()) for r, k in slots])
-            if dist.is_initialized():
-                dist.all_reduce(values, op=dist.ReduceOp.AVG)
+            distributed.all_reduce_mean(values)
             for (record, key), value in zip(slots, values.tolist()):
                 record[key] = value
         for record in records:
@@ -391,7 +420,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"tokens_seen": self.tokens_seen, "stage": self.run.stage,
-                 "hooks": {hook.name: hook.state_dict() for hook in self.hooks}}
+                 "hooks": {hook.name: hook.state_dict() for hook in self.hooks},
+                 "world_size": self.world_size, "global_rows": self._global_rows()}
         return self.checkpoints.save(
             self.step, self.model, self.optimizers, self.schedulers, state,
             self.train_stream.state_dict(),
@@ -403,6 +433,8 @@ class Trainer:
         """The Hugging Face style `final/` directory the next stage and export read: fp32
         latent weights (config.json says so) and the warm-up mix reached."""
         final = self.run.output_dir / "final"
+        # FSDP2: every rank takes part in gathering the shards; rank 0 writes them.
+        weights = distributed.full_state_dict(self.model) if self.strategy == "fsdp2" else None
         if self.rank == 0:
             meta = self.run.meta
             if meta is not None:
@@ -411,9 +443,8 @@ class Trainer:
             self.model.eval()
             save_model_dir(self.model, self.run.tokenizer, final, meta, extra_files={
                 "recipe.yaml": self._recipe_text(),
-                "eval.json": json.dumps(self.last_eval, indent=2)})
-        if dist.is_initialized():
-            dist.barrier()
+                "eval.json": json.dumps(self.last_eval, indent=2)}, state_dict=weights)
+        distributed.barrier()
         if self.rank == 0 and self.run.recipe.sync_to:  # after the barrier: no rank waits on it
             upload_dir(final, stage_url(self.run.recipe.sync_to, self.run.recipe.name,
                                         self.run.stage))
