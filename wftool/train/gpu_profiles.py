@@ -1,0 +1,133 @@
+"""From the global batch a recipe asks for to micro-batch x accumulation on a given GPU.
+
+`training.global_batch_size` fixes the rows per optimizer step; the process count and the
+GPU's memory decide how they are split. The memory model is the usual estimate (Korthikanti
+et al. 2022 for activations, 16 bytes per trained parameter for fp32 masters, gradients and
+Adam state, divided by the process count under FSDP2); it errs on the safe side, and a
+CUDA out-of-memory error still ends in `oom_error`, which names the override to try.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from wftool.errors import WftError
+
+# Usable memory per GPU, GB (the card's memory, less what the CUDA context takes).
+GPU_MEMORY_GB = {
+    "a10g": 22.0, "l4": 22.0, "a100-40gb": 38.0, "a100-80gb": 78.0, "h100": 78.0,
+    "h200": 138.0, "b200": 176.0,
+}
+_HEADROOM = 0.85  # fragmentation, NCCL buffers, the allocator's cache
+
+
+def detect_profile(device: torch.device) -> str | None:
+    """The profile of this process's GPU from its name and memory; None on a CPU or an
+    unknown card (whose memory is then read directly)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    memory = torch.cuda.get_device_properties(device).total_memory / 1e9
+    for key, profile in (("B200", "b200"), ("H200", "h200"), ("H100", "h100"),
+                         ("L4", "l4"), ("A10G", "a10g")):
+        if key in name:
+            return profile
+    if "A100" in name:
+        return "a100-80gb" if memory > 60 else "a100-40gb"
+    return None
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the memory estimate needs to know about the student (and a teacher)."""
+
+    trained_params: int
+    frozen_params: int  # the teacher's, in its own dtype
+    frozen_bytes: int  # bytes per teacher parameter
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    eager_attention: bool = False  # attention scores materialised (not SDPA / flash)
+
+    @classmethod
+    def of(cls, model, teachers=()) -> ModelSize:
+        config = model.config
+        frozen = [p for t in teachers for p in t.parameters()]
+        return cls(
+            trained_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            frozen_params=sum(p.numel() for p in frozen),
+            frozen_bytes=frozen[0].element_size() if frozen else 2,
+            hidden=config.hidden_size, layers=config.num_hidden_layers,
+            heads=config.num_attention_heads, vocab=config.vocab_size,
+            eager_attention=getattr(config, "_attn_implementation", None) == "eager")
+
+
+def row_gb(size: ModelSize, seq_len: int, checkpointing: bool, teacher: bool) -> float:
+    """Activation memory of one row of `seq_len` tokens, GB, in bf16."""
+    s, h, a, layers = seq_len, size.hidden, size.heads, size.layers
+    full_layer = 34 * s * h + (5 * a * s * s if size.eager_attention else 0)
+    # Checkpointing keeps each layer's input and recomputes one layer at a time.
+    blocks = layers * 2 * s * h + full_layer if checkpointing else layers * full_layer
+    logits = s * size.vocab * 4 * 3  # fp32 logits, their softmax and its gradient
+    teacher_logits = s * size.vocab * 4 if teacher else 0
+    return (blocks + logits + teacher_logits) / 1e9
+
+
+def fixed_gb(size: ModelSize, world_size: int, sharded: bool, teacher_sharded: bool) -> float:
+    """Weights, gradients and optimizer state (fp32: 4 + 4 + 8 bytes per parameter)."""
+    state = size.trained_params * 16 / (world_size if sharded else 1)
+    teacher = size.frozen_params * size.frozen_bytes / (world_size if teacher_sharded else 1)
+    return (state + teacher) / 1e9
+
+
+def max_micro_batch(memory_gb: float, fixed: float, per_row: float, training_key: str) -> int:
+    """The most rows one process's forward and backward fit in `memory_gb`."""
+    budget = memory_gb * _HEADROOM - fixed
+    if budget < per_row:
+        raise WftError(
+            f"the model's weights, gradients and optimizer state (~{fixed:.0f} GB per "
+            f"process) leave no room for one row of activations on a {memory_gb:.0f} GB GPU",
+            f"use more GPUs with distributed.strategy=fsdp2, {training_key}."
+            "activation_checkpointing=true, or a shorter data.seq_len")
+    return int(budget // per_row)
+
+
+def plan_batch(global_rows: int, world_size: int, max_micro: int,
+               training_key: str) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum) for `global_rows` rows per step on `world_size`
+    processes: the largest micro-batch up to `max_micro` dividing each process's rows."""
+    if global_rows % world_size:
+        raise WftError(
+            f"{training_key}.global_batch_size={global_rows} rows cannot be split evenly "
+            f"over {world_size} processes",
+            f"use a multiple of {world_size}, e.g. {training_key}.global_batch_size="
+            f"{max(world_size, global_rows // world_size * world_size)}")
+    rows = global_rows // world_size
+    micro = max(d for d in range(1, rows + 1) if rows % d == 0 and d <= max(max_micro, 1))
+    return micro, rows // micro
+
+
+def oom_error(step: int, micro: int, accum: int, training_key: str, checkpointing: bool,
+              teacher: bool, peak_gb: float) -> WftError:
+    """What to change after a CUDA out-of-memory error; the same global batch where it can."""
+    if micro > 1:
+        half = micro // 2
+        fix = (f"{training_key}.micro_batch_size={half} {training_key}.grad_accum="
+               f"{accum * micro // half}" if micro % 2 == 0 else
+               f"{training_key}.micro_batch_size=1 {training_key}.grad_accum={accum * micro}")
+        fix += " (the same global batch)"
+    else:
+        fix = "a shorter data.seq_len, or more GPUs with distributed.strategy=fsdp2"
+    more = []
+    if not checkpointing:
+        more.append(f"{training_key}.activation_checkpointing=true")
+    if teacher:
+        more.append("distributed.teacher=shard")
+    also = f"; also possible: {', '.join(more)}" if more else ""
+    return WftError(
+        f"CUDA out of memory at step {step + 1} with micro_batch_size={micro} (peak "
+        f"{peak_gb:.1f} GB allocated); the run resumes from its last checkpoint",
+        f"try {fix}{also}")
