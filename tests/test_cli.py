@@ -18,7 +18,7 @@ def test_help_lists_every_stage():
         assert verb in result.output
 
 
-@pytest.mark.parametrize("verb", ["unified", "launch"])
+@pytest.mark.parametrize("verb", ["unified"])
 def test_unbuilt_stages_say_so_with_exit_2(verb):
     result = runner.invoke(app, [verb, "tiny"])
     assert result.exit_code == 2
@@ -202,3 +202,32 @@ def test_version_prints_the_package_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output == f"wft {__version__}\n"
+
+
+def test_training_commands_build_the_torchrun_command():
+    result = runner.invoke(app, ["pretrain", "tiny", "--nproc-per-node", "8", "--nnodes", "2",
+                                 "--node-rank", "1", "--master-addr", "10.0.0.1", "--dry-run",
+                                 "training.max_steps=3"])
+    assert result.exit_code == 0, result.output
+    argv = result.output.split()
+    assert argv[1:4] == ["-m", "torch.distributed.run", "--nnodes"]
+    assert " ".join(argv[3:]) == ("--nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
+                                  "--master-port 29500 --nproc-per-node 8 -m wftool pretrain "
+                                  "tiny training.max_steps=3")
+    local = runner.invoke(app, ["distill", "tiny", "distributed.nproc_per_node=2", "--dry-run"])
+    assert "--standalone --nproc-per-node 2 -m wftool distill tiny" in local.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2"], "needs --master-addr"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "outside 0 to 1"),
+])
+def test_bad_process_layouts_are_refused(args, message):
+    result = runner.invoke(app, ["pretrain", "tiny", *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+
+
+def test_pipeline_refuses_several_processes():
+    result = runner.invoke(app, ["pipeline", "tiny", "distributed.nproc_per_node=2"])
+    assert result.exit_code == 2
+    assert "runs in one process" in " ".join(result.output.split())

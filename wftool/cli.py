@@ -211,7 +211,7 @@ def _not_yet(stage: str, what: str):
             f"`wft {command.cli_name}` is not available yet in wft {_version()}: {what} "
             "is still being built",
             "available today: convert, layerwise, pretrain, distill, pipeline, export-gguf, "
-            "serve, eval, recipe, doctor",
+            "serve, eval, launch, recipe, doctor",
         )
 
     return command
@@ -309,14 +309,15 @@ def _register_stage_commands() -> None:
 
 
 _register_stage_commands()
-_launch = _not_yet("launch", "Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal")
-_launch.cli_name = "launch"
-_launch.__doc__ = ("Run a recipe on SkyPilot clouds (Nebius, RunPod, ...) or Modal "
-                   "(not available yet).")
-app.command(name="launch", epilog=_examples(
-    "wft launch tiny  # says what is still being built",
-    "wft pipeline tiny  # runs here today",
-))(_launch)
+
+
+def _register_launch() -> None:
+    from wftool.commands.launch import register
+
+    register(app)
+
+
+_register_launch()
 
 
 @app.command("eval", epilog=_examples(
@@ -466,6 +467,13 @@ def serve(
 def pipeline(recipe: RecipeArg, overrides: OverridesArg = None):
     """Run the stages a recipe lists, in order, and compare the student to the teacher."""
     config = _load(recipe, overrides, None)
+    processes = config.distributed.nproc_per_node * config.distributed.nnodes
+    if processes > 1:
+        raise WftError(
+            f"wft pipeline runs in one process, and the recipe asks for {processes} "
+            "(distributed.nproc_per_node x nnodes)",
+            "run the stages one by one: wft convert, then wft layerwise / pretrain / distill "
+            "RECIPE --nproc-per-node N; or set distributed.nproc_per_node=1")
     check_output_dir(Path(config.output_dir) / config.name, "output_dir")
     from wftool.commands.pipeline import run_pipeline
 
