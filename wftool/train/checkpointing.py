@@ -110,6 +110,23 @@ def verify(path: Path) -> None:
             raise CorruptCheckpoint(f"{path}: {name} is damaged (checksum mismatch)")
 
 
+def _verify_once(path: Path) -> None:
+    """`verify` on rank 0, its verdict shared: every rank then skips the same checkpoint or
+    enters the same collective load (one rank loading alone would wait forever)."""
+    problem = None
+    if _rank() == 0:
+        try:
+            verify(path)
+        except CorruptCheckpoint as err:
+            problem = str(err)
+    if dist.is_initialized():
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem is not None:
+        raise CorruptCheckpoint(problem)
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -232,7 +249,7 @@ class CheckpointManager:
         saved). DCP re-shards model and optimizer state for any process count; the RNG state
         of this rank is restored when the process count is the one that saved it."""
         try:
-            verify(path)
+            _verify_once(path)
             trainer_state = _read_state(path, "trainer_state")
             saved_world = trainer_state.get("world_size", 1)
             rank_states = [_read_state(path, f"rank{r}") for r in range(saved_world)]

@@ -5,6 +5,10 @@ A hook's `before_step` runs before the step's first forward, `after_step` right 
 optimizer update (the place to rescale weights); `metrics` adds host-side numbers to the
 step's record. Its `state_dict` travels in every checkpoint, so a resumed run continues
 exactly where it stopped.
+
+Under FSDP2 a hook's model holds row shards of each matrix: `wftool.train.muon.local_rows`
+and `scale_rows` let an after-step rescale (a per-head QK-clip on q_proj / k_proj rows) act
+on the rows each process holds, with no gather.
 """
 
 from __future__ import annotations

@@ -131,6 +131,7 @@ class Trainer:
         self.train_stream: ShardedStream | None = None  # built once the shard count is known
         self.eval_batches = eval_batches(run.data, run.tokenizer, spec.micro_batch_size)
         self.checkpoints = CheckpointManager(run.output_dir, spec.keep_last)
+        distributed.barrier()  # rank 0 has cleaned up after a killed run before anyone looks
         self.step = 0
         self.tokens_seen = 0
         self.last_eval: dict = {}
