@@ -14,7 +14,6 @@ from rich.table import Table
 # (import name, distribution name, what it enables)
 OPTIONAL_BACKENDS = (
     ("wandb", "wandb", "W&B logging (extra: wandb)"),
-    ("sky", "skypilot", "cloud launch on SkyPilot (extra: cloud)"),
     ("modal", "modal", "cloud launch on Modal (extra: cloud)"),
     ("llama_cpp", "llama-cpp-python", "GGUF validation and serving (extra: llamacpp)"),
     ("fastapi", "fastapi", "the `wft serve` HTTP app (extra: serve)"),
@@ -35,6 +34,16 @@ def bitnet_checkout() -> Path | None:
     """extern/BitNet when the optional submodule is checked out next to the package."""
     root = Path(__file__).resolve().parents[2] / "extern" / "BitNet"
     return root if (root / "setup_env.py").exists() else None
+
+
+def skypilot_row() -> tuple[str, str, str]:
+    """SkyPilot is a tool in its own environment (not importable here): wft runs its `sky`."""
+    from wftool.launch.skypilot_task import SKY_INSTALL_HINT, find_sky_cli, sky_version
+
+    sky = find_sky_cli()
+    if sky is None:
+        return ("skypilot", "not installed", f"cloud launch on SkyPilot: {SKY_INSTALL_HINT}")
+    return ("skypilot", sky_version(sky) or "installed", f"cloud launch on SkyPilot ({sky})")
 
 
 def doctor_rows() -> list[tuple[str, str, str]]:
@@ -61,6 +70,7 @@ def doctor_rows() -> list[tuple[str, str, str]]:
     for module, dist, purpose in OPTIONAL_BACKENDS:
         found = importlib.util.find_spec(module) is not None
         rows.append((dist, (_version(dist) or "installed") if found else "not installed", purpose))
+    rows.append(skypilot_row())
     bitnet = bitnet_checkout()
     rows.append((
         "extern/BitNet",
