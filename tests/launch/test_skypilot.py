@@ -467,3 +467,16 @@ def test_cli_actions_check_their_arguments():
         result = CliRunner().invoke(_app(), ["launch", *args])
         assert result.exit_code == 2 and message in result.output, result.output
     assert sp._job_args("12") == ["12"] and sp._job_args("wft-tiny") == ["--name", "wft-tiny"]
+
+
+def test_remote_install_adds_the_file_system_sync_to_needs():
+    from wftool.launch.plan import LaunchFlags, build_plan
+    from wftool.recipe import load_recipe
+
+    recipe = load_recipe("tiny", ["sync_to=s3://bucket/wft", "logging.wandb=true"],
+                         stage="pretrain")
+    plan = build_plan(recipe, "pretrain", LaunchFlags(cloud="runpod", gpus="H100:1"))
+    assert plan.extras == ("wandb", "s3")
+    plain = build_plan(load_recipe("tiny", [], stage="pretrain"), "pretrain",
+                       LaunchFlags(cloud="runpod", gpus="H100:1"))
+    assert plain.extras == ()

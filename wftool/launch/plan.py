@@ -114,7 +114,7 @@ def build_plan(recipe: Recipe, stage: str, flags: LaunchFlags = LaunchFlags()) -
     remote = recipe.model_copy(deep=True)
     if persistent:
         remote.output_dir = REMOTE_RUNS_DIR
-    extras = ("wandb",) if recipe.logging.wandb else ()
+    extras = (("wandb",) if recipe.logging.wandb else ()) + _storage_extras(recipe)
     return LaunchPlan(
         recipe=remote,
         stage=stage,
@@ -195,6 +195,17 @@ def source_checkout() -> Path | None:
         return None
     # A regex, not tomllib: Python 3.10 is supported and has none.
     return root if re.search(r'^name\s*=\s*"wftool"\s*$', text, re.MULTILINE) else None
+
+
+# fsspec protocols of `sync_to` / a stage's `init` -> the wftool extra that installs them.
+_STORAGE_EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def _storage_extras(recipe: Recipe) -> tuple[str, ...]:
+    """Extras for the remote storage a recipe reads or writes (sync_to, stages' init)."""
+    urls = [recipe.sync_to] + [getattr(recipe, stage.name).init for stage in TRAINING_STAGES]
+    protocols = [str(url).split("://", 1)[0].lower() for url in urls if url and "://" in str(url)]
+    return tuple(dict.fromkeys(_STORAGE_EXTRAS[p] for p in protocols if p in _STORAGE_EXTRAS))
 
 
 def pip_install_command(extras: tuple[str, ...], checkout: bool) -> str:
