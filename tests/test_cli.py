@@ -231,3 +231,13 @@ def test_pipeline_refuses_several_processes():
     result = runner.invoke(app, ["pipeline", "tiny", "distributed.nproc_per_node=2"])
     assert result.exit_code == 2
     assert "runs in one process" in " ".join(result.output.split())
+
+
+def test_recipe_show_prints_yaml_that_reads_back_whatever_the_width():
+    import yaml
+
+    long_path = "/data/" + "x" * 120
+    result = runner.invoke(app, ["recipe", "show", "tiny", f"output_dir={long_path}"],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert yaml.safe_load(result.output)["output_dir"] == long_path

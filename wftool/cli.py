@@ -526,7 +526,7 @@ def recipe_show(
     text = yaml.safe_dump(
         config.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True
     )
-    console.print(text, highlight=False, markup=False, end="")
+    console.print(text, highlight=False, markup=False, end="", soft_wrap=True)
 
 
 @recipe_app.command("validate", epilog=_examples(
