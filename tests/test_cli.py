@@ -241,3 +241,8 @@ def test_recipe_show_prints_yaml_that_reads_back_whatever_the_width():
                            env={"COLUMNS": "80"})
     assert result.exit_code == 0
     assert yaml.safe_load(result.output)["output_dir"] == long_path
+
+
+def test_dry_run_of_one_process_says_it_trains_without_torchrun():
+    result = runner.invoke(app, ["pretrain", "tiny", "--dry-run"])
+    assert result.exit_code == 0 and "without torchrun" in result.output

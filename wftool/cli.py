@@ -116,6 +116,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except WftError as err:
+            _note_user_error()
             # Under torchrun every rank may fail; the others say which they are.
             rank = distributed_rank()
             where = f"(rank {rank}) " if rank else ""
@@ -251,6 +252,7 @@ def _training_command(stage: str):
             help="Print the torchrun command this runs, and exit.")] = False,
     ):
         config = _load(recipe, overrides, stage)
+        from wftool.train import distributed
         from wftool.train.torchrun import (
             describe,
             needs_torchrun,
@@ -259,13 +261,18 @@ def _training_command(stage: str):
             torchrun_argv,
         )
 
-        processes = resolve_processes(config, nproc_per_node, nnodes, node_rank, master_addr,
-                                      master_port)
-        if needs_torchrun(processes) or dry_run:
-            argv = torchrun_argv(processes, [stage, recipe, *(overrides or [])])
-            if dry_run:
-                console.print(describe(argv), highlight=False, markup=False, soft_wrap=True)
+        # Under torchrun the processes are decided; the recipe's defaults are not re-read.
+        processes = None if distributed.launched_by_torchrun() else resolve_processes(
+            config, nproc_per_node, nnodes, node_rank, master_addr, master_port)
+        if dry_run:
+            if processes is None or processes.total == 1:
+                console.print(f"one process: `wft {stage}` trains here, without torchrun")
                 return
+            argv = torchrun_argv(processes, [stage, recipe, *(overrides or [])])
+            console.print(describe(argv), highlight=False, markup=False, soft_wrap=True)
+            return
+        if processes is not None and needs_torchrun(processes):
+            argv = torchrun_argv(processes, [stage, recipe, *(overrides or [])])
             check_output_dir(Path(config.stage_dir(stage)), "output_dir")
             code = run_torchrun(argv)
             if code:
@@ -273,8 +280,8 @@ def _training_command(stage: str):
             return
         check_output_dir(Path(config.stage_dir(stage)), "output_dir")
         from wftool.stage_registry import get_stage
-        from wftool.train import distributed
 
+        distributed.init_from_environment()  # before the stage fetches or loads anything
         try:
             result = get_stage(stage).run_function()(config, console)
         finally:
@@ -285,6 +292,17 @@ def _training_command(stage: str):
             console.print(f"saved to {result.final_dir}")
 
     return command
+
+
+def _note_user_error() -> None:
+    """Under `wft <stage> --nproc-per-node N`, tell the parent that a rank failed on a user
+    error (torchrun itself exits 1 whatever its children's codes), so it exits 2 too."""
+    marker = os.environ.get("WFT_USER_ERROR_FILE")
+    if marker:
+        try:
+            Path(marker).touch()
+        except OSError:
+            pass
 
 
 def distributed_rank() -> int:

@@ -85,6 +85,14 @@ def test_fsdp2_and_ddp_train_what_one_process_trains(pretrain_runs):
         # steps of up to lr, so single entries may differ by a few lr; the bulk may not.
         difference = (a - b).abs()
         assert difference.mean() < 1e-5 and difference.max() < 6e-3, (name, difference.max())
+    # Tied embeddings come back as one tensor: both final/ hold the same weights files.
+    from safetensors import safe_open
+
+    def keys(run):
+        with safe_open(str(run / "final" / "model.safetensors"), "pt") as f:
+            return sorted(f.keys())
+
+    assert keys(pretrain_runs["fsdp2"]) == keys(one)
     shards = sorted(p.name for p in (pretrain_runs["fsdp2"] / "step-6" / "state").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard
 
@@ -105,7 +113,7 @@ def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(pretrain_runs, c
     assert_close(losses(stopped), uninterrupted, 1e-5)  # the same world size: the same sums
 
     alone = _stopped_after_step_4(pretrain_runs["fsdp2"], root / "alone" / "small" / "pretrain")
-    refused = wft("pretrain", recipe, f"output_dir={root / 'alone'}")
+    refused = wft("pretrain", recipe, f"output_dir={root / 'alone'}")  # grad_accum 1
     assert refused.returncode == 2
     assert "grad_accum=2 keeps the run's global batch of 8 rows" in " ".join(refused.stderr.split())
     assert not (alone / "final").exists()
@@ -114,18 +122,35 @@ def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(pretrain_runs, c
     assert_close(losses(alone), uninterrupted)
 
 
-def test_distill_with_a_sharded_teacher_matches_one_process(converted):
+def test_distill_with_fsdp2_and_a_sharded_teacher_or_ddp_matches_one_process(converted):
     root, recipe = converted
     teacher = save_small_model(root / "teacher")
     common = (f"teacher.name_or_path={teacher}", "distill.training.max_steps=4")
-    ok(wft("distill", recipe, f"output_dir={root / 'distill2'}", *common,
-           "distributed.teacher=shard", "--nproc-per-node", "2"))
     ok(wft("distill", recipe, f"output_dir={root / 'distill1'}", *common,
            "distributed.data_shards=2", "training.grad_accum=2"))
-    two = root / "distill2" / "small" / "distill"
     one = root / "distill1" / "small" / "distill"
-    for key in ("loss", "loss_kl", "loss_attention", "eval_loss", "eval_accuracy"):
-        assert_close(losses(two, key), losses(one, key))
+    for name, setting in (("fsdp2", "distributed.teacher=shard"),
+                          ("ddp", "distributed.strategy=ddp")):
+        out = root / f"distill-{name}"  # fresh: a run directory with a pretrain/final
+        ok(wft("distill", recipe, f"output_dir={out}", *common, setting,  # would start there
+               "--nproc-per-node", "2"))
+        two = out / "small" / "distill"
+        for key in ("loss", "loss_kl", "loss_relation", "eval_loss", "eval_accuracy"):
+            assert losses(one, key), key
+            assert_close(losses(two, key), losses(one, key))
+
+
+def test_layerwise_under_ddp_with_an_untied_head_and_fewer_eval_batches_than_ranks(tmp_path):
+    """With ce_weight 0 an untied lm_head gets no gradient (DDP must not wait for one), and
+    one eval batch for two processes leaves a rank without a batch of its own."""
+    untied = small_recipe(tmp_path, convert={"output": str(tmp_path / "student")})
+    overrides = ("model.config.tie_word_embeddings=false", "layerwise.training.max_steps=2",
+                 "data.eval_batches=1")
+    ok(wft("convert", untied, *overrides))
+    ok(wft("layerwise", untied, *overrides, "distributed.strategy=ddp", "--nproc-per-node", "2"))
+    stage = tmp_path / "runs" / "small" / "layerwise"
+    evals = losses(stage, "eval_hidden")
+    assert list(evals) == [2] and evals[2] > 0
 
 
 def test_sharded_muon_is_muon_on_the_whole_matrix(tmp_path):
@@ -184,3 +209,11 @@ def test_a_killed_rank_resumes_cleanly(converted):
     uninterrupted = root / "uninterrupted"
     ok(wft("pretrain", *args[4:5], f"output_dir={uninterrupted}", *args[6:]))
     assert_close(resumed, losses(uninterrupted / "small" / "pretrain"))
+
+
+def test_a_user_error_on_every_rank_exits_2_as_one_process_would(converted):
+    root, recipe = converted
+    result = wft("pretrain", recipe, f"output_dir={root / 'odd'}", "distributed.data_shards=3",
+                 "--nproc-per-node", "2")
+    assert result.returncode == 2
+    assert "set distributed.data_shards to a multiple of 2" in " ".join(result.stderr.split())

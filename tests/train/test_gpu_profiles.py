@@ -23,6 +23,11 @@ def test_plan_batch_takes_the_largest_micro_batch_that_divides_and_fits():
     assert gp.plan_batch(7, 1, 3, "pretrain.training") == (1, 7)  # a prime: one row a time
     with pytest.raises(WftError, match="global_batch_size=12 rows cannot be split evenly over 8"):
         gp.plan_batch(12, 8, 4, "pretrain.training")
+    # One process reading a 2-process run's two shards: an even number of micro-batches.
+    assert gp.plan_batch(12, 1, 6, "pretrain.training", shards_per_process=2) == (6, 2)
+    assert gp.plan_batch(12, 1, 5, "pretrain.training", shards_per_process=2) == (3, 4)
+    with pytest.raises(WftError, match="1 process reading 2 data shards each"):
+        gp.plan_batch(9, 1, 9, "pretrain.training", shards_per_process=2)
 
 
 def _qwen3_4b(eager_attention=False) -> gp.ModelSize:
@@ -64,6 +69,9 @@ def test_oom_error_names_the_override_that_keeps_the_global_batch():
     assert err.hint.startswith("try distill.training.micro_batch_size=4 "
                                "distill.training.grad_accum=4 (the same global batch)")
     assert "activation_checkpointing=true" in err.hint and "distributed.teacher=shard" in err.hint
+    planned = gp.oom_error(4, 8, 2, "pretrain.training", checkpointing=True, teacher=False,
+                           peak_gb=70.0, planned=True)
+    assert planned.hint.startswith("try pretrain.training.micro_batch_size=4 (caps")
     last = gp.oom_error(0, 1, 4, "pretrain.training", checkpointing=True, teacher=False,
                         peak_gb=1.0)
     assert "micro_batch_size=" not in last.hint and "seq_len" in last.hint

@@ -15,11 +15,18 @@ from wftool.errors import WftError
 
 
 def check_layout(shards: int, world_size: int, grad_accum: int, training_key: str,
-                 micro_batch_size: int, saved_rows: int | None = None) -> None:
+                 micro_batch_size: int, saved_rows: int | None = None,
+                 from_checkpoint: bool = False) -> None:
     """Refuse a process count that cannot share `shards` evenly, or a grad_accum that would
     leave a shard out of a step; the hint keeps the global batch of the saved run."""
     if shards % world_size:
         counts = ", ".join(str(n) for n in range(1, shards + 1) if shards % n == 0)
+        if not from_checkpoint:
+            raise WftError(
+                f"distributed.data_shards={shards} cannot be shared evenly by {world_size} "
+                "processes",
+                f"set distributed.data_shards to a multiple of {world_size}, or leave it "
+                "unset (one shard per process)")
         raise WftError(
             f"this run's training data is split into {shards} shards, which {world_size} "
             "processes cannot share evenly",

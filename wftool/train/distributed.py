@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -75,7 +77,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def shard_student(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+def shard_student(model: nn.Module, strategy: str, device: torch.device,
+                  unused_parameters: bool = False) -> nn.Module:
     """Wrap the student for several processes; returns the module to call forward on.
 
     FSDP2 changes `model` in place (its parameters become DTensor shards), so `model`
@@ -85,7 +88,8 @@ def shard_student(model: nn.Module, strategy: str, device: torch.device) -> nn.M
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model.to(device), device_ids=ids,
+                                       find_unused_parameters=unused_parameters)
     if strategy != "fsdp2":
         raise ValueError(f"unknown strategy {strategy!r}")
     from torch.distributed.fsdp import fully_shard
@@ -93,7 +97,8 @@ def shard_student(model: nn.Module, strategy: str, device: torch.device) -> nn.M
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)  # embeddings, final norm, lm_head (tied weights stay one parameter)
-    return model
+    # After sharding: each GPU receives its shards, never the whole fp32 model at once.
+    return model.to(device)
 
 
 def place_teacher(teacher: nn.Module, how: str, device: torch.device) -> None:
@@ -108,19 +113,48 @@ def place_teacher(teacher: nn.Module, how: str, device: torch.device) -> None:
         fully_shard(teacher)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+def require_shared_directory(path: Path) -> None:
+    """Several machines write one checkpoint: rank 0 assembles and marks what every rank
+    wrote, so `path` must be one directory they all see. A file rank 0 writes must appear
+    on every rank, else a clear error (not a hang, not a checkpoint missing shards)."""
+    if not dist.is_initialized():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    token = [f".wft-shared-{os.getpid()}-{time.time_ns()}"]
+    dist.broadcast_object_list(token, src=0)
+    probe = path / token[0]
+    if dist.get_rank() == 0:
+        probe.write_text("shared\n")
+    dist.barrier()
+    seen = torch.tensor([1.0 if probe.exists() else 0.0])
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # gloo and NCCL both have MIN
+    dist.barrier()
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    if seen.item() < 1:
+        raise WftError(
+            f"{path} is not one directory for all {dist.get_world_size()} processes (a file "
+            "rank 0 wrote there is missing on another machine): checkpoints need storage "
+            "every machine sees",
+            "set output_dir to a shared file system (NFS, Lustre, a cloud's shared "
+            "file system) mounted at the same path on every machine")
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights as CPU tensors on rank 0 ({} elsewhere). Every rank must
-    call it: FSDP2 gathers the shards."""
+    call it: FSDP2 gathers the shards. Tied weights come back as one tensor again, so
+    `save_pretrained` stores them once, as it does for an unsharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    weights = get_model_state_dict(model, options=options)
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if weights and output is not None and output.weight is inputs.weight:
+        tied = [name for name, param in model.named_parameters(remove_duplicate=False)
+                if param is inputs.weight]
+        for name in tied[1:]:
+            weights[name] = weights[tied[0]]
+    return weights
 
 
 def to_full(value):

@@ -165,7 +165,9 @@ def evaluate_model(model, batches: list[dict], task: bool, device=None, autocast
         with autocast():
             outputs = model(**model_inputs(batch), output_hidden_states=held_out is not None)
             parts = held_out(outputs, batch) if held_out is not None else {}
-        if not counted:
+        if not counted:  # the keys still go in: every rank all-reduces the same list
+            for name in parts:
+                sums.setdefault(f"eval_{name}", 0.0)
             continue
         logits, labels = outputs.logits, batch["labels"]
         n = int(labels[:, 1:].ne(IGNORE_INDEX).sum())

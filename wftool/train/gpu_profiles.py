@@ -30,6 +30,8 @@ def detect_profile(device: torch.device) -> str | None:
         return None
     name = torch.cuda.get_device_name(device).upper()
     memory = torch.cuda.get_device_properties(device).total_memory / 1e9
+    if "GH200" in name or "GB200" in name or "L40" in name:
+        return None  # other memory sizes than the cards their names contain
     for key, profile in (("B200", "b200"), ("H200", "h200"), ("H100", "h100"),
                          ("L4", "l4"), ("A10G", "a10g")):
         if key in name:
@@ -95,25 +97,35 @@ def max_micro_batch(memory_gb: float, fixed: float, per_row: float, training_key
     return int(budget // per_row)
 
 
-def plan_batch(global_rows: int, world_size: int, max_micro: int,
-               training_key: str) -> tuple[int, int]:
+def plan_batch(global_rows: int, world_size: int, max_micro: int, training_key: str,
+               shards_per_process: int = 1) -> tuple[int, int]:
     """(micro_batch_size, grad_accum) for `global_rows` rows per step on `world_size`
-    processes: the largest micro-batch up to `max_micro` dividing each process's rows."""
-    if global_rows % world_size:
+    processes: the largest micro-batch up to `max_micro` such that each process's rows are
+    the same number of micro-batches from each of its data shards."""
+    unit = world_size * shards_per_process
+    if global_rows % unit:
+        processes = "1 process" if world_size == 1 else f"{world_size} processes"
+        over = (processes if shards_per_process == 1 else
+                f"{processes} reading {shards_per_process} data shards each")
         raise WftError(
             f"{training_key}.global_batch_size={global_rows} rows cannot be split evenly "
-            f"over {world_size} processes",
-            f"use a multiple of {world_size}, e.g. {training_key}.global_batch_size="
-            f"{max(world_size, global_rows // world_size * world_size)}")
-    rows = global_rows // world_size
-    micro = max(d for d in range(1, rows + 1) if rows % d == 0 and d <= max(max_micro, 1))
+            f"over {over}",
+            f"use a multiple of {unit}, e.g. {training_key}.global_batch_size="
+            f"{max(unit, global_rows // unit * unit)}")
+    rows, per_shard = global_rows // world_size, global_rows // unit
+    micro = max(d for d in range(1, per_shard + 1)
+                if per_shard % d == 0 and d <= max(max_micro, 1))
     return micro, rows // micro
 
 
 def oom_error(step: int, micro: int, accum: int, training_key: str, checkpointing: bool,
-              teacher: bool, peak_gb: float) -> WftError:
-    """What to change after a CUDA out-of-memory error; the same global batch where it can."""
-    if micro > 1:
+              teacher: bool, peak_gb: float, planned: bool = False) -> WftError:
+    """What to change after a CUDA out-of-memory error; the same global batch where it can.
+    `planned`: global_batch_size sets the accumulation, so the micro-batch cap is the fix."""
+    if micro > 1 and planned:
+        fix = (f"{training_key}.micro_batch_size={micro // 2} (caps the micro-batch; "
+               "global_batch_size keeps the global batch)")
+    elif micro > 1:
         half = micro // 2
         fix = (f"{training_key}.micro_batch_size={half} {training_key}.grad_accum="
                f"{accum * micro // half}" if micro % 2 == 0 else

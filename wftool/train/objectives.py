@@ -142,6 +142,9 @@ class LayerwiseDistillation:
     layers weighted more, plus an optional CE term; the distillation share decays linearly
     from 1 to `distill_share_end` over the run."""
 
+    # With ce_weight 0 an untied lm_head gets no gradient: DDP must not wait for one.
+    leaves_parameters_unused = True
+
     def __init__(self, teacher: torch.nn.Module, spec: LayerwiseStage, n_layers: int):
         self.teacher = teacher.eval().requires_grad_(False)
         self.spec = spec
@@ -228,6 +231,7 @@ class _NoCapture:
 
 
 def _maybe_capture(model, family, layer, enabled):
-    # torch.compile wraps the module; the capture hooks go on the original.
+    # torch.compile and DDP wrap the module; the capture hooks go on the original.
     model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
     return capture_qkv(model, family, layer) if enabled else _NoCapture()

@@ -27,7 +27,7 @@ def find_init(recipe: Recipe, stage: str) -> Path:
     cache = Path(recipe.stage_dir(stage)) / "init"
     if explicit:
         if is_remote(explicit):
-            return fetch_dir(explicit, cache)
+            return _fetch_once(explicit, cache)
         path = Path(explicit).expanduser()
         if not (path / "config.json").exists():
             raise WftError(f"{stage}.init: {explicit} is not a model directory (no config.json)")
@@ -41,7 +41,7 @@ def find_init(recipe: Recipe, stage: str) -> Path:
         for previous in previous_stages:
             url = stage_url(recipe.sync_to, recipe.name, previous)
             try:
-                return fetch_dir(url, cache)
+                return _fetch_once(url, cache)
             except WftError:
                 continue
     first = previous_stages[0]
@@ -50,6 +50,26 @@ def find_init(recipe: Recipe, stage: str) -> Path:
         "exist",
         f"run `wft {first} <recipe>` first (or `wft pipeline`), or set {stage}.init=DIR",
     )
+
+
+def _fetch_once(url: str, cache: Path) -> Path:
+    """Rank 0 downloads; the other processes wait and read the same copy (each downloading
+    into the one cache directory would delete the others' files)."""
+    import torch.distributed as dist
+
+    problem = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            fetch_dir(url, cache)
+        except WftError as err:
+            problem = (err.message, err.hint)
+    if dist.is_initialized():
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem is not None:
+        raise WftError(*problem)
+    return cache
 
 
 def load_teacher(spec: ModelSpec | str, dtype: str = "auto"):

@@ -4,10 +4,13 @@ managed cloud job resumes the whole run from its last checkpoint instead)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from wftool.errors import WftError
 from wftool.train.distributed import launched_by_torchrun
@@ -73,11 +76,14 @@ def torchrun_argv(processes: Processes, command: list[str]) -> list[str]:
 
 
 def run_torchrun(argv: list[str]) -> int:
-    """Run torchrun in the foreground; its exit status is the command's."""
-    try:
-        return subprocess.run(argv).returncode
-    except FileNotFoundError as err:  # pragma: no cover - sys.executable always exists
-        raise WftError(f"cannot start torchrun: {err}") from None
+    """Run torchrun in the foreground; its exit status is the command's, except that a
+    rank which stopped on a user error (a clear message, exit 2) makes it 2, as one process
+    would (a cloud job does not retry those)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = Path(tmp) / "user-error"
+        env = {**os.environ, "WFT_USER_ERROR_FILE": str(marker)}
+        code = subprocess.run(argv, env=env).returncode
+        return 2 if code and marker.exists() else code
 
 
 def describe(argv: list[str]) -> str:

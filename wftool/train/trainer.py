@@ -106,11 +106,13 @@ class Trainer:
         self.device = distributed.process_device()
         self.precision: Precision = resolve_precision(spec.precision, self.device)
         torch.manual_seed(spec.seed + self.rank)
-        if spec.global_batch_size:
-            self.spec = spec = self._planned_batch(spec)
-        # fp32 masters: AdamW on bf16 weights loses most small updates.
-        self.model = run.model.to(device=self.device, dtype=torch.float32)
         settings = run.recipe.distributed
+        self.strategy = settings.strategy if self.world_size > 1 else None
+        # fp32 masters: AdamW on bf16 weights loses most small updates. FSDP2 moves each
+        # layer to the GPU as it shards it, so the whole fp32 model never sits on one GPU.
+        self.model = run.model.to(dtype=torch.float32)
+        if self.strategy != "fsdp2":
+            self.model.to(self.device)
         for module in run.extra_modules:
             distributed.place_teacher(module, settings.teacher, self.device)
         self.model.train()
@@ -118,8 +120,8 @@ class Trainer:
             # Non-reentrant: the variant FSDP2 and DDP support.
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.strategy = settings.strategy if self.world_size > 1 else None
-        wrapped = (distributed.shard_student(self.model, self.strategy, self.device)
+        unused = getattr(run.objective, "leaves_parameters_unused", False)
+        wrapped = (distributed.shard_student(self.model, self.strategy, self.device, unused)
                    if self.strategy else self.model)
         self.forward_model = torch.compile(wrapped) if spec.compile else wrapped
         self.hooks: list[StepHook] = list(getattr(run.objective, "hooks", ()))
@@ -128,8 +130,10 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, spec,
                                            sharded=self.strategy == "fsdp2")
         self.schedulers = build_schedulers(self.optimizers, spec)
-        self.train_stream: ShardedStream | None = None  # built once the shard count is known
-        self.eval_batches = eval_batches(run.data, run.tokenizer, spec.micro_batch_size)
+        # Built once the shard count is known (it may come from a checkpoint), as is the
+        # batch split a global_batch_size asks for.
+        self.train_stream: ShardedStream | None = None
+        distributed.require_shared_directory(run.output_dir)
         self.checkpoints = CheckpointManager(run.output_dir, spec.keep_last)
         distributed.barrier()  # rank 0 has cleaned up after a killed run before anyone looks
         self.step = 0
@@ -140,6 +144,7 @@ class Trainer:
         resumed = self._resume() if run.resume.mode == "auto" else None
         if self.train_stream is None:
             self._open_data(settings.data_shards or self.world_size)
+        self.eval_batches = eval_batches(run.data, run.tokenizer, self.spec.micro_batch_size)
         self.complete = self._check_progress()
         self.sinks = []
         if self.rank == 0 and not self.complete:
@@ -169,9 +174,10 @@ class Trainer:
                 f"{processes} · {self.precision.describe()}"
                 + (f" · teacher {', '.join(sorted(teacher))}" if teacher else ""))
 
-    def _planned_batch(self, spec: TrainingSpec) -> TrainingSpec:
+    def _planned_batch(self, spec: TrainingSpec, shards_per_process: int) -> TrainingSpec:
         """micro_batch_size and grad_accum for `global_batch_size` on this GPU (its profile)
-        and process count; on a CPU the recipe's micro_batch_size caps the micro-batch."""
+        and process count, every step reading each of this process's data shards equally;
+        a micro_batch_size set in the recipe (always, on a CPU) caps the micro-batch."""
         from wftool.train import gpu_profiles as gp
 
         run, key = self.run, self.run.training_key
@@ -188,19 +194,27 @@ class Trainer:
             per_row = gp.row_gb(size, run.data.seq_len, spec.activation_checkpointing, teacher)
             most = gp.max_micro_batch(memory, fixed, per_row, key)
             basis = f"{profile or f'{memory:.0f} GB GPU'} profile: up to {most} rows fit"
+            if "micro_batch_size" in spec.model_fields_set:
+                most = min(most, spec.micro_batch_size)
+                basis += f", {key}.micro_batch_size={spec.micro_batch_size} caps it"
         else:
             most = spec.micro_batch_size
             basis = f"CPU: micro-batch at most {key}.micro_batch_size"
-        micro, accum = gp.plan_batch(spec.global_batch_size, self.world_size, most, key)
+        micro, accum = gp.plan_batch(spec.global_batch_size, self.world_size, most, key,
+                                     shards_per_process)
         processes = "1 process" if self.world_size == 1 else f"{self.world_size} processes"
         self._say(f"global batch {spec.global_batch_size} rows = {processes} x micro-batch "
                   f"{micro} x grad_accum {accum} ({basis})")
         return spec.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})
 
-    def _open_data(self, shards: int, saved_rows: int | None = None) -> None:
-        spec = self.spec
+    def _open_data(self, shards: int, saved_rows: int | None = None,
+                   resumed: bool = False) -> None:
+        spec = self.run.training
+        if spec.global_batch_size and shards % self.world_size == 0:
+            spec = self._planned_batch(spec, shards // self.world_size)
+        self.spec = spec
         check_layout(shards, self.world_size, spec.grad_accum, self.run.training_key,
-                     spec.micro_batch_size, saved_rows)
+                     spec.micro_batch_size, saved_rows, from_checkpoint=resumed)
         self.train_stream = ShardedStream(self.run.data, self.run.tokenizer, shards,
                                           self.rank, self.world_size)
 
@@ -241,7 +255,7 @@ class Trainer:
             self.step = state["step"]
             self.tokens_seen = state.get("tokens_seen", 0)
             self._check_shard_setting(shards)
-            self._open_data(shards, state.get("global_rows"))
+            self._open_data(shards, state.get("global_rows"), resumed=True)
             self.train_stream.load_state_dict(positions)
             saved_rows = state.get("global_rows")
             if saved_rows and saved_rows != self._global_rows():
@@ -303,7 +317,7 @@ class Trainer:
             f"{run.recipe.name}/{run.stage}", spec.max_steps, self.step, spec.log_every,
             self.console, tokens_seen=self.tokens_seen)
         pending: list[dict] = []
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start = time.perf_counter()
         estimated = False
         try:
             while self.step < spec.max_steps:
@@ -314,16 +328,15 @@ class Trainer:
                 self.step += 1
                 record["step"] = self.step
                 pending.append(record)
-                window_tokens += record.pop("_tokens")
                 last = self.step == spec.max_steps
                 evaluating = self.step % spec.eval_every == 0 or last
                 saving = self.step % spec.save_every == 0 or last
                 if not (self.step % spec.log_every == 0 or evaluating or saving):
                     continue
-                self._resolve(pending)  # the one host sync of the window
+                window_tokens = self._resolve(pending)  # the one host sync of the window
                 elapsed = time.perf_counter() - window_start
                 for entry in pending:
-                    entry["tok/s"] = window_tokens * self.world_size / max(elapsed, 1e-9)
+                    entry["tok/s"] = window_tokens / max(elapsed, 1e-9)
                 display.update(self.step, _shown(record))  # tok/s: this window's, as logged
                 if evaluating:  # the bar reads N/N while the last step evaluates and saves
                     display.set_phase("evaluating")
@@ -336,7 +349,7 @@ class Trainer:
                     display.set_phase(f"saving step-{self.step}")
                     self.save_checkpoint()
                     display.set_phase(None)
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start = time.perf_counter()
             if not self.last_eval:
                 self.last_eval = self.evaluate()
             display.set_phase("writing final/")
@@ -357,8 +370,8 @@ class Trainer:
             spec = self.spec
             raise oom_error(self.step, spec.micro_batch_size, spec.grad_accum,
                             self.run.training_key, spec.activation_checkpointing,
-                            bool(self.run.extra_modules),
-                            peak_memory_gb(self.device)) from None
+                            bool(self.run.extra_modules), peak_memory_gb(self.device),
+                            planned=bool(spec.global_batch_size)) from None
 
     def train_step(self) -> dict:
         """One optimizer step (gradient accumulation included). Losses stay on the device
@@ -394,8 +407,8 @@ class Trainer:
         for hook in self.hooks:
             hook.after_step(self.step)
             record.update(hook.metrics())
-        self.tokens_seen += tokens * self.world_size
-        record.update({"tokens": self.tokens_seen, "_tokens": tokens})
+        # Summed over the processes in `_resolve` (padded task batches differ by rank).
+        record["_tokens"] = torch.tensor(float(tokens), device=self.device)
         return record
 
     def _gradient_sync(self, last_micro_batch: bool):
@@ -416,9 +429,10 @@ class Trainer:
                       "evaluation and checkpoints (the first step includes warm-up, so this "
                       "errs long)")
 
-    def _resolve(self, records: list[dict]) -> None:
-        """Tensors in `records` -> floats with one device-to-host copy (averaged over ranks);
-        a non-finite loss stops the run before anything is saved."""
+    def _resolve(self, records: list[dict]) -> int:
+        """Tensors in `records` -> floats with one device-to-host copy (averaged over ranks,
+        token counts summed); a non-finite loss stops the run before anything is saved.
+        Returns the window's tokens, all processes together."""
         slots = [(r, k) for r in records for k, v in r.items() if torch.is_tensor(v)]
         if slots:
             values = torch.stack([r[k].detach().float().reshape(()) for r, k in slots])
@@ -432,6 +446,13 @@ class Trainer:
                     f"lower {self.run.training_key}.lr, or set {self.run.training_key}.grad_clip",
                 )
         records[-1]["mem_gb"] = peak_memory_gb(self.device)
+        window = 0
+        for record in records:
+            tokens = round(record.pop("_tokens") * self.world_size)
+            window += tokens
+            self.tokens_seen += tokens
+            record["tokens"] = self.tokens_seen
+        return window
 
     def _write_metrics(self, records: list[dict]) -> None:
         try:
