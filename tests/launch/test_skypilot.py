@@ -38,10 +38,13 @@ GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "hf_secret_value_123"
 WANDB_SECRET = "wandb_secret_value_456"
-NEBIUS_2X8 = LaunchFlags(cloud="nebius", gpus="H100:8", nodes=2, bucket="s3://wft-test/runs")
+# Several nodes share a file system (output_dir); one node may keep checkpoints in a bucket.
+NEBIUS_2X8 = LaunchFlags(cloud="nebius", gpus="H100:8", nodes=2)
+NEBIUS_1X8_BUCKET = LaunchFlags(cloud="nebius", gpus="H100:8", bucket="s3://wft-test/runs")
 
 
-def _plan(stage="pretrain", flags=NEBIUS_2X8, overrides=("launch.network_tier=best",)):
+def _plan(stage="pretrain", flags=NEBIUS_2X8,
+          overrides=("launch.network_tier=best", "output_dir=/mnt/shared/wft")):
     return build_plan(load_recipe("tiny", list(overrides)), stage, flags)
 
 
@@ -102,7 +105,7 @@ def skypilot_report(tmp_path_factory):
     `to_yaml_config`), and SkyPilot's cloud registry."""
     python = require_skypilot()
     recipe_file = tmp_path_factory.mktemp("launch") / "wft-recipe.yaml"
-    plan = _plan()
+    plan = _plan(flags=NEBIUS_1X8_BUCKET)  # one node: the bucket mount too
     recipe_file.write_text(plan.recipe_text)
     config, text = _render(plan, str(recipe_file))
     payload = {"task": text, "reference": (REPO / "skypilot" / "wft-train.yaml").read_text()}
@@ -126,9 +129,9 @@ def no_skypilot(monkeypatch, tmp_path):
 
 
 def test_plan_takes_flags_over_the_recipe_and_moves_output_dir_to_the_bucket():
-    plan = _plan()
-    assert (plan.infra, plan.gpu_type, plan.gpus_per_node, plan.nodes) == ("nebius", "H100", 8, 2)
-    assert plan.world_size == 16 and plan.job_name == "wft-tiny-pretrain"
+    plan = _plan(flags=NEBIUS_1X8_BUCKET)
+    assert (plan.infra, plan.gpu_type, plan.gpus_per_node, plan.nodes) == ("nebius", "H100", 8, 1)
+    assert plan.world_size == 8 and plan.job_name == "wft-tiny-pretrain"
     assert plan.output_dir == REMOTE_RUNS_DIR
     assert yaml.safe_load(plan.recipe_text)["output_dir"] == REMOTE_RUNS_DIR
     assert plan.secrets == ("HF_TOKEN", "WANDB_API_KEY") and plan.extras == ()
@@ -182,6 +185,8 @@ def test_local_data_files_warn(tmp_path):
     (LaunchFlags(gpus="H100:8"), [], "pipeline", "launch the stages one by one"),
     (LaunchFlags(gpus="H100:1", nodes=2), [], "pipeline", "launch the stages one by one"),
     (LaunchFlags(bucket="my-bucket"), [], "pretrain", "not a bucket URL"),
+    (LaunchFlags(cloud="aws", gpus="H100:8", nodes=2, bucket="s3://b/x"), [], "pretrain",
+     "not one directory"),
     (LaunchFlags(backend="modal", cloud="aws"), [], "pretrain", "SkyPilot cloud"),
     (LaunchFlags(backend="slurm"), [], "pretrain", "not a launch backend"),
     (LaunchFlags(), ["launch.secrets=[hf_xyz-secret]"], "pretrain", "not an environment var"),
@@ -195,6 +200,7 @@ def test_invalid_combinations_are_refused_with_a_hint(flags, overrides, stage, m
 
 @pytest.mark.parametrize("flags, overrides", [
     (NEBIUS_2X8, ["launch.network_tier=best"]),
+    (NEBIUS_1X8_BUCKET, ["launch.network_tier=best"]),
     (LaunchFlags(cloud="nebius/eu-north1", gpus="B200:8"), ["launch.network_tier=best"]),
     (LaunchFlags(cloud="runpod", gpus="H100:1"), []),
     (LaunchFlags(cloud="aws/us-east-1", gpus="A100-80GB:4", nodes=4, spot=True), []),
@@ -268,7 +274,7 @@ def test_task_matches_the_golden_file():
 def test_task_round_trips_through_skypilot(skypilot_report):
     config = skypilot_report["config"]
     for t in skypilot_report["tasks"]:  # as parsed, and after to_yaml_config and back
-        assert t["name"] == "wft-tiny-pretrain" and t["num_nodes"] == 2
+        assert t["name"] == "wft-tiny-pretrain" and t["num_nodes"] == 1
         assert t["run"] == config["run"] and t["setup"] == config["setup"]
         assert t["workdir"] == str(REPO)
         assert t["accelerators"] == {"H100": 8} and t["use_spot"] is False
@@ -326,7 +332,7 @@ def test_submit_hands_sky_names_only(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     lines = []
-    assert sp.submit(_plan(), str(REPO), lines.append) == "42"
+    assert sp.submit(_plan(flags=NEBIUS_1X8_BUCKET), str(REPO), lines.append) == "42"
     text = record.read_text()
     assert "launch\n--yes\n--detach-run\n--name\nwft-tiny-pretrain\n--secret\nHF_TOKEN\n" in text
     assert "secrets:\n  HF_TOKEN: null\nsetup" in text  # the unset optional one left out
@@ -437,7 +443,7 @@ def test_cli_dry_run_and_emit_yaml_write_no_secret(tmp_path, monkeypatch):
     task_file = tmp_path / "task.yaml"
     result = CliRunner().invoke(_app(), [
         "launch", "tiny", "training.max_steps=7", "--stage", "pretrain", "--cloud", "nebius",
-        "--gpus", "H100:8", "--nodes", "2", "--bucket", "s3://wft-test/runs", "--dry-run",
+        "--gpus", "H100:8", "--nodes", "2", "output_dir=/mnt/shared/wft", "--dry-run",
         "--emit-yaml", str(task_file)])
     assert result.exit_code == 0, result.output
     assert "ok SkyPilot accepts the task" in result.output

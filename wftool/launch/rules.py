@@ -44,6 +44,7 @@ def check_plan(plan: LaunchPlan) -> list[str]:
                       f"{cloud or 'any cloud'}")
     if plan.bucket:
         _check_bucket(plan.bucket)
+        _check_one_node_per_bucket(plan)
         passed.append(f"checkpoints: {plan.bucket} mounted at {plan.output_dir}")
     for name in plan.secrets if plan.backend == "skypilot" else ():  # Modal: Secret names
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -107,6 +108,20 @@ def _check_best_network(plan: LaunchPlan, cloud: str | None) -> None:
             "use --gpus H100:8 (or H200:8, B200:8, B300:8), or remove launch.network_tier")
 
 
+def _check_one_node_per_bucket(plan: LaunchPlan) -> None:
+    """Each rank writes its own checkpoint shard and rank 0 marks the step complete, so the
+    checkpoint directory must be one directory for all machines; a bucket mounted with a
+    local cache on each node is not (another node's shards appear only once uploaded)."""
+    if plan.nodes > 1:
+        raise WftError(
+            f"--bucket with --nodes {plan.nodes}: a bucket mounted on each node is not one "
+            "directory for all of them (a node sees another's checkpoint shards only after "
+            "they are uploaded)",
+            "for several nodes set output_dir to a file system every node mounts at the same "
+            "path (the cloud's shared file system) and drop the bucket; or use one node with "
+            "more GPUs (--gpus H100:8 --nodes 1)")
+
+
 def _check_bucket(bucket: str) -> None:
     if not _BUCKET.match(bucket):
         raise WftError(f"--bucket {bucket!r} is not a bucket URL",
@@ -117,6 +132,10 @@ def _check_bucket(bucket: str) -> None:
 def plan_warnings(plan: LaunchPlan) -> list[str]:
     """What will run but may not do what the user expects."""
     warnings = list(plan.warnings)
+    if plan.nodes > 1 and not plan.bucket:
+        warnings.append(f"{plan.nodes} nodes: output_dir ({plan.output_dir}) must be a file "
+                        "system every node mounts at the same path; the run checks this "
+                        "when it starts")
     if plan.backend == "skypilot" and not plan.bucket:
         where = ("copied to sync_to" if plan.recipe.sync_to else
                  "lost: SkyPilot tears the machines down when the job ends")

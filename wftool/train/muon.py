@@ -2,10 +2,12 @@
 
 Newton-Schulz orthogonalises a whole matrix; run on one process's row shard it would be a
 different update (Megatron-LM #5961), and torch.optim.Muon does not take DTensors. Here the
-momentum (an elementwise quantity) stays sharded; each matrix has an owner rank that gathers
-the rows of its update, orthogonalises the full matrix and scatters the rows back, so every
-process applies exactly the update one process would, and the work of Newton-Schulz is spread
-over the ranks (matrix i belongs to rank i mod world size).
+momentum (an elementwise quantity) stays sharded; each matrix has an owner rank (matrix i
+belongs to rank i mod world size) that gathers the rows of its update, orthogonalises the
+full matrix and scatters the rows back, so every process applies exactly the update one
+process would, and each matrix is orthogonalised once, not on every rank. The collectives
+run one matrix after another (simple and exact; batching them per step would overlap the
+communication).
 
 `local_rows` / `scale_rows` give after-step hooks (a per-head QK-clip rescales rows of q_proj
 and k_proj) the rows a process holds, so they can act on sharded weights without a gather.
