@@ -113,6 +113,8 @@ def test_plan_rules_before_any_network_call():
                           LaunchFlags(backend="modal", gpus="L4"))
     with pytest.raises(WftError, match="at most 10 times"):
         mb.check_modal_plan(restarts)
+    with pytest.raises(WftError, match="not one checkpoint directory"):
+        mb.check_modal_plan(_plan(gpus="H100:8", nodes=2))
 
 
 def test_bad_environment_is_a_clear_error():

@@ -92,6 +92,13 @@ def check_modal_plan(plan: LaunchPlan) -> list[str]:
     """Raise WftError for what Modal would refuse; return the checks that passed, one line
     each (what `--dry-run` prints)."""
     name, count = check_gpus(plan.accelerators, plan.nodes)
+    if plan.nodes > 1:
+        raise WftError(
+            f"--nodes {plan.nodes} on Modal: the containers of a cluster each see the Volume "
+            "as of their last reload, so it is not one checkpoint directory for all of them, "
+            "which wft's sharded checkpoints need",
+            "use one container with up to 8 GPUs (--gpus H100:8 --nodes 1), or several nodes "
+            "through SkyPilot with output_dir on a shared file system")
     if plan.max_restarts > MAX_RETRIES:
         raise WftError(f"launch.max_restarts={plan.max_restarts}: Modal retries a function at "
                        f"most {MAX_RETRIES} times", f"set launch.max_restarts={MAX_RETRIES}")
