@@ -118,6 +118,35 @@ def plan_batch(global_rows: int, world_size: int, max_micro: int, training_key: 
     return micro, rows // micro
 
 
+def plan_for_run(spec, run, device: torch.device, world_size: int,
+                 shards_per_process: int) -> tuple[int, int, str]:
+    """(micro_batch_size, grad_accum, how they were chosen) for a stage run's
+    `global_batch_size` on this GPU (its profile) and process count, every step reading each
+    of a process's data shards equally; a micro_batch_size set in the recipe (always, on a
+    CPU) caps the micro-batch."""
+    key = run.training_key
+    profile = spec.gpu_profile if spec.gpu_profile != "auto" else detect_profile(device)
+    if profile is not None or device.type == "cuda":
+        memory = (GPU_MEMORY_GB[profile] if profile else
+                  torch.cuda.get_device_properties(device).total_memory / 1e9)
+        size = ModelSize.of(run.model, run.extra_modules)
+        settings = run.recipe.distributed
+        teacher = bool(run.extra_modules)
+        fixed = fixed_gb(size, world_size, settings.strategy == "fsdp2",
+                         teacher and settings.teacher == "shard")
+        per_row = row_gb(size, run.data.seq_len, spec.activation_checkpointing, teacher)
+        most = max_micro_batch(memory, fixed, per_row, key)
+        basis = f"{profile or f'{memory:.0f} GB GPU'} profile: up to {most} rows fit"
+        if "micro_batch_size" in spec.model_fields_set:
+            most = min(most, spec.micro_batch_size)
+            basis += f", {key}.micro_batch_size={spec.micro_batch_size} caps it"
+    else:
+        most = spec.micro_batch_size
+        basis = f"CPU: micro-batch at most {key}.micro_batch_size"
+    micro, accum = plan_batch(spec.global_batch_size, world_size, most, key, shards_per_process)
+    return micro, accum, basis
+
+
 def oom_error(step: int, micro: int, accum: int, training_key: str, checkpointing: bool,
               teacher: bool, peak_gb: float, planned: bool = False) -> WftError:
     """What to change after a CUDA out-of-memory error; the same global batch where it can.

@@ -175,33 +175,10 @@ class Trainer:
                 + (f" · teacher {', '.join(sorted(teacher))}" if teacher else ""))
 
     def _planned_batch(self, spec: TrainingSpec, shards_per_process: int) -> TrainingSpec:
-        """micro_batch_size and grad_accum for `global_batch_size` on this GPU (its profile)
-        and process count, every step reading each of this process's data shards equally;
-        a micro_batch_size set in the recipe (always, on a CPU) caps the micro-batch."""
-        from wftool.train import gpu_profiles as gp
+        from wftool.train.gpu_profiles import plan_for_run
 
-        run, key = self.run, self.run.training_key
-        profile = (spec.gpu_profile if spec.gpu_profile != "auto"
-                   else gp.detect_profile(self.device))
-        if profile is not None or self.device.type == "cuda":
-            memory = (gp.GPU_MEMORY_GB[profile] if profile else
-                      torch.cuda.get_device_properties(self.device).total_memory / 1e9)
-            size = gp.ModelSize.of(run.model, run.extra_modules)
-            settings = run.recipe.distributed
-            teacher = bool(run.extra_modules)
-            fixed = gp.fixed_gb(size, self.world_size, settings.strategy == "fsdp2",
-                                teacher and settings.teacher == "shard")
-            per_row = gp.row_gb(size, run.data.seq_len, spec.activation_checkpointing, teacher)
-            most = gp.max_micro_batch(memory, fixed, per_row, key)
-            basis = f"{profile or f'{memory:.0f} GB GPU'} profile: up to {most} rows fit"
-            if "micro_batch_size" in spec.model_fields_set:
-                most = min(most, spec.micro_batch_size)
-                basis += f", {key}.micro_batch_size={spec.micro_batch_size} caps it"
-        else:
-            most = spec.micro_batch_size
-            basis = f"CPU: micro-batch at most {key}.micro_batch_size"
-        micro, accum = gp.plan_batch(spec.global_batch_size, self.world_size, most, key,
-                                     shards_per_process)
+        micro, accum, basis = plan_for_run(spec, self.run, self.device, self.world_size,
+                                           shards_per_process)
         processes = "1 process" if self.world_size == 1 else f"{self.world_size} processes"
         self._say(f"global batch {spec.global_batch_size} rows = {processes} x micro-batch "
                   f"{micro} x grad_accum {accum} ({basis})")
