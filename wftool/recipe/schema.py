@@ -372,8 +372,9 @@ class LaunchStage(Section):
         "8-GPU H100/H200/B200/B300 nodes only).")
     bucket: PathText | None = Field(
         None, description="SkyPilot: bucket URL (s3://, gs://, r2://, ...) mounted at "
-        "/wft-runs for every stage's checkpoints and final/ (not on RunPod, which cannot "
-        "mount buckets: set sync_to there). Unset: the node's disk (lost with the node).")
+        "/wft-runs for every stage's checkpoints and final/, on one node (several nodes need "
+        "output_dir on a shared file system; RunPod cannot mount buckets: set sync_to "
+        "there). Unset: the node's disk (lost with the node).")
     volume: str = Field(
         "wft-runs", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="Modal: the Volume holding checkpoints, outputs and the Hugging Face cache.")
