@@ -33,6 +33,7 @@ def check_plan(plan: LaunchPlan) -> list[str]:
     if plan.backend == "skypilot":
         passed.append(f"cloud: {cloud}" if cloud else "cloud: any enabled (SkyPilot chooses)")
     _check_stage_shape(plan)
+    _check_batch_split(plan)
     passed.append(f"machines: {plan.nodes} x {plan.gpu_type}:{plan.gpus_per_node} "
                   f"({plan.world_size} process{'es' if plan.world_size > 1 else ''})")
     if cloud == "runpod":
@@ -78,6 +79,22 @@ def _check_stage_shape(plan: LaunchPlan) -> None:
             f"{plan.gpus_per_node} GPU(s) would leave all but one GPU idle",
             "use --gpus TYPE:1 --nodes 1 for the pipeline, or launch the stages one by one "
             "(--stage layerwise, then pretrain, then distill) on several GPUs")
+
+
+def _check_batch_split(plan: LaunchPlan) -> None:
+    """What the stage would refuse once the machines are up: a global batch or a data split
+    the processes cannot share evenly."""
+    if plan.stage == "pipeline":
+        return
+    world, key = plan.world_size, f"{plan.stage}.training"
+    rows = getattr(plan.recipe, plan.stage).training.global_batch_size
+    if rows and rows % world:
+        raise WftError(f"{key}.global_batch_size={rows} cannot be split evenly over {world} "
+                       "processes", f"use a multiple of {world}")
+    shards = plan.recipe.distributed.data_shards
+    if shards and shards % world:
+        raise WftError(f"distributed.data_shards={shards} cannot be shared evenly by {world} "
+                       "processes", f"set it to a multiple of {world}, or leave it unset")
 
 
 def _check_runpod(plan: LaunchPlan) -> None:
@@ -132,6 +149,9 @@ def _check_bucket(bucket: str) -> None:
 def plan_warnings(plan: LaunchPlan) -> list[str]:
     """What will run but may not do what the user expects."""
     warnings = list(plan.warnings)
+    if plan.stage != "pipeline" and getattr(plan.recipe, plan.stage).resume.mode == "never":
+        warnings.append(f"{plan.stage}.resume.mode=never: every restart after a preemption or "
+                        "failure starts the stage over")
     if plan.nodes > 1 and not plan.bucket:
         warnings.append(f"{plan.nodes} nodes: output_dir ({plan.output_dir}) must be a file "
                         "system every node mounts at the same path; the run checks this "
