@@ -112,6 +112,20 @@ def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(pretrain_runs, c
     ok(wft("pretrain", recipe, f"output_dir={root / 'again'}", "--nproc-per-node", "2"))
     assert_close(losses(stopped), uninterrupted, 1e-5)  # the same world size: the same sums
 
+    # A damaged shard in the newest checkpoint (hashed by rank 1: the ranks verify a share
+    # each) sends both ranks back to the previous one.
+    damaged = root / "damaged" / "small" / "pretrain"
+    shutil.copytree(pretrain_runs["fsdp2"], damaged)
+    shutil.rmtree(damaged / "final")
+    shard = damaged / "step-6" / "state" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = ok(wft("pretrain", recipe, f"output_dir={root / 'damaged'}", "--nproc-per-node", "2"))
+    assert "__1_0.distcp is damaged" in " ".join(result.stdout.split())
+    assert "resumed pretrain" in result.stdout and "(step 4)" in result.stdout
+    assert_close(losses(damaged), uninterrupted, 1e-5)
+
     alone = _stopped_after_step_4(pretrain_runs["fsdp2"], root / "alone" / "small" / "pretrain")
     refused = wft("pretrain", recipe, f"output_dir={root / 'alone'}")  # grad_accum 1
     assert refused.returncode == 2

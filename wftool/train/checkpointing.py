@@ -80,21 +80,38 @@ def step_number(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
 
 
-def _file_digests(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under `root` but the marker, by relative path."""
-    digests = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != COMPLETE):
-        sha = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
-        digests[path.relative_to(root).as_posix()] = sha.hexdigest()
-    return digests
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _share(names: list[str]) -> list[str]:
+    """This rank's part of a sorted list of files: the processes hash a checkpoint
+    together, each a 1/world share, rather than rank 0 reading all of it."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return sorted(names)[_rank()::world]
+
+
+def _shared_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under `root` but the marker, by relative path, hashed by all
+    ranks together; the whole dict on rank 0 ({} elsewhere). Every rank must call it."""
+    names = [p.relative_to(root).as_posix() for p in root.rglob("*")
+             if p.is_file() and p.name != COMPLETE]
+    mine = {name: _sha256(root / name) for name in _share(names)}
+    if not dist.is_initialized():
+        return mine
+    parts = [None] * dist.get_world_size() if _rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if _rank() == 0 else {}
 
 
 def verify(path: Path) -> None:
-    """Check a step directory against the digests in its marker (markers written before
-    digests existed hold only the step number and are taken as they are)."""
+    """Check this rank's share of a step directory's files against the digests in its
+    marker (markers written before digests existed hold only the step number and are
+    taken as they are)."""
     try:
         marker = json.loads((path / COMPLETE).read_text())
     except (OSError, ValueError) as err:
@@ -102,27 +119,26 @@ def verify(path: Path) -> None:
     if not isinstance(marker, dict):
         return
     expected = marker.get("files", {})
-    found = _file_digests(path)
-    for name, digest in expected.items():
-        if name not in found:
+    for name in _share(list(expected)):
+        if not (path / name).is_file():
             raise CorruptCheckpoint(f"{path}: {name} is missing")
-        if found[name] != digest:
+        if _sha256(path / name) != expected[name]:
             raise CorruptCheckpoint(f"{path}: {name} is damaged (checksum mismatch)")
 
 
 def _verify_once(path: Path) -> None:
-    """`verify` on rank 0, its verdict shared: every rank then skips the same checkpoint or
-    enters the same collective load (one rank loading alone would wait forever)."""
+    """`verify` by every rank on its share, the verdicts shared: every rank then skips the
+    same checkpoint or enters the same collective load (one rank loading alone would wait
+    forever)."""
     problem = None
-    if _rank() == 0:
-        try:
-            verify(path)
-        except CorruptCheckpoint as err:
-            problem = str(err)
+    try:
+        verify(path)
+    except CorruptCheckpoint as err:
+        problem = str(err)
     if dist.is_initialized():
-        verdict = [problem]
-        dist.broadcast_object_list(verdict, src=0)
-        problem = verdict[0]
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, problem)
+        problem = next((v for v in verdicts if v is not None), None)
     if problem is not None:
         raise CorruptCheckpoint(problem)
 
@@ -211,14 +227,16 @@ class CheckpointManager:
                      checkpoint_id=partial / "state")
             rank_state = {"data": data_state, "rng": rng_state()}
             (partial / f"rank{rank}.json").write_text(json.dumps(rank_state))
-            _barrier()
             if rank == 0:
                 state = dict(trainer_state, step=step,
                              schedulers=[s.state_dict() for s in schedulers])
                 (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
                 for name, text in extra_files.items():
                     (partial / name).write_text(text)
-                marker = {"step": step, "files": _file_digests(partial)}
+            _barrier()
+            digests = _shared_digests(partial)
+            if rank == 0:
+                marker = {"step": step, "files": digests}
                 (partial / COMPLETE).write_text(json.dumps(marker, indent=1))
                 if final.exists():
                     shutil.rmtree(final)
