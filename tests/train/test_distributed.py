@@ -231,3 +231,26 @@ def test_a_user_error_on_every_rank_exits_2_as_one_process_would(converted):
                  "--nproc-per-node", "2")
     assert result.returncode == 2
     assert "set distributed.data_shards to a multiple of 2" in " ".join(result.stderr.split())
+
+
+def test_fsdp2_under_bf16_autocast_keeps_fp32_masters_and_matches_one_process(converted):
+    """The GPU path (bf16 compute, fp32 master weights and optimizer state) on 2 CPU
+    processes against one process in bf16 reading the same global batch."""
+    root, recipe = converted
+    common = ("training.precision=bf16", "training.max_steps=2", "training.save_every=2",
+              "training.eval_every=2")
+    two = run_pretrain(recipe, root / "bf16-two", *common, "--nproc-per-node", "2",
+                       "training.optimizer=muon")
+    one = run_pretrain(recipe, root / "bf16-one", *common, "distributed.data_shards=2",
+                       "training.grad_accum=2", "training.optimizer=muon")
+    assert_close(losses(two), losses(one), 0.05)  # bf16 matmuls: a coarser tolerance
+    from safetensors import safe_open
+
+    with safe_open(str(two / "final" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(two / "step-2" / "state")).read_metadata()
+    saved = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items()
+             if hasattr(v, "properties") and k.startswith("model.")}
+    assert saved and set(saved.values()) == {torch.float32}  # masters and state: fp32
