@@ -226,6 +226,7 @@ def _stage_examples(stage) -> str:
         f"wft {stage.name} tiny  # the bundled tiny recipe, on a CPU",
         f"wft {stage.name} recipes/byo.yaml training.max_steps=100  # sets "
         f"{stage.name}.training.max_steps",
+        f"wft {stage.name} qwen3_4b --nproc-per-node 8  # 8 GPUs, FSDP2",
         f"wft {stage.name} smollm2_135m training.lr=1e-4 data.seq_len=1024",
         f"wft recipe show tiny --stage {stage.name} training.max_steps=100  # what that "
         "resolves to",
@@ -238,18 +239,19 @@ def _training_command(stage: str):
         recipe: RecipeArg,
         overrides: OverridesArg = None,
         nproc_per_node: Annotated[Optional[int], typer.Option(
-            min=1, help="Processes on this machine, one per GPU, through torchrun "
-            "(default: distributed.nproc_per_node).")] = None,
+            min=1, help="Processes on this machine, one per GPU, through torchrun (default: "
+            "the recipe's distributed section).")] = None,
         nnodes: Annotated[Optional[int], typer.Option(
-            min=1, help="Machines in the run (default: distributed.nnodes).")] = None,
+            min=1, help="Machines in the run (default: the recipe's).")] = None,
         node_rank: Annotated[Optional[int], typer.Option(
             min=0, help="This machine's rank, 0 to nnodes-1.")] = None,
         master_addr: Annotated[Optional[str], typer.Option(
             help="Address of node rank 0 (several machines).")] = None,
         master_port: Annotated[Optional[int], typer.Option(
-            min=1, max=65535, help="Rendezvous port (default: distributed.master_port).")] = None,
+            min=1, max=65535, help="Rendezvous port (default: 29500, or the recipe's).")
+        ] = None,
         dry_run: Annotated[bool, typer.Option(
-            help="Print the torchrun command this runs, and exit.")] = False,
+            "--dry-run", help="Print the torchrun command this runs, and exit.")] = False,
     ):
         config = _load(recipe, overrides, stage)
         from wftool.train import distributed
