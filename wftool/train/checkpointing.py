@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from wftool.atomic import disk_full_error, is_disk_full, write_text_atomic
+from wftool.train.distributed import barrier, world
 
 # Single-process runs are a supported case of DCP, not something to warn about.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -46,12 +47,7 @@ class CorruptCheckpoint(Exception):
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    return world()[0]
 
 
 def rng_state() -> dict:
@@ -221,7 +217,7 @@ class CheckpointManager:
             if rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir(parents=True)
-            _barrier()
+            barrier()
             model_state, optim_state = get_state_dict(model, optimizers)
             dcp.save({"model": model_state, "optim": optim_state},
                      checkpoint_id=partial / "state")
@@ -233,7 +229,7 @@ class CheckpointManager:
                 (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
                 for name, text in extra_files.items():
                     (partial / name).write_text(text)
-            _barrier()
+            barrier()
             digests = _shared_digests(partial)
             if rank == 0:
                 marker = {"step": step, "files": digests}
@@ -252,7 +248,7 @@ class CheckpointManager:
                         else "no earlier checkpoint exists")
                 raise disk_full_error(f"checkpoint step-{step}", self.stage_dir, kept) from None
             raise
-        _barrier()
+        barrier()
         return final
 
     def _prune(self) -> None:
