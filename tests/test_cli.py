@@ -123,6 +123,16 @@ def test_doctor_reports_versions():
     assert "torch" in result.output and "llama-cpp-python" in result.output
 
 
+def test_doctor_says_which_collective_backend_processes_use():
+    import torch
+
+    from wftool.commands.doctor import distributed_row
+
+    name, backends, purpose = distributed_row(torch.device("cpu"))
+    assert name == "distributed" and "gloo" in backends.split(", ")
+    assert "--nproc-per-node uses gloo" in purpose
+
+
 def test_convert_refuses_a_file_where_it_writes_a_directory(tmp_path):
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("x")

@@ -46,6 +46,24 @@ def skypilot_row() -> tuple[str, str, str]:
     return ("skypilot", sky_version(sky) or "installed", f"cloud launch on SkyPilot ({sky})")
 
 
+def distributed_row(device) -> tuple[str, str, str]:
+    """What `--nproc-per-node N` would use here: the collective backend and the GPU
+    profile that sizes a `training.global_batch_size`."""
+    import torch.distributed as dist
+
+    from wftool.train.gpu_profiles import detect_profile
+
+    backends = [name for name, ok in (("nccl", dist.is_nccl_available()),
+                                      ("gloo", dist.is_gloo_available())) if ok]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    profile = detect_profile(device) if device.type == "cuda" else None
+    sizing = (f"GPU profile {profile}" if profile else
+              "GPU memory read directly" if device.type == "cuda" else
+              "micro-batch capped by training.micro_batch_size")
+    return ("distributed", ", ".join(backends) or "none",
+            f"--nproc-per-node uses {backend}; global_batch_size: {sizing}")
+
+
 def doctor_rows() -> list[tuple[str, str, str]]:
     import torch
 
@@ -67,6 +85,7 @@ def doctor_rows() -> list[tuple[str, str, str]]:
     precision = resolve_precision("auto", device)
     rows.append(("precision", f"{precision.compute} on {device.type}",
                  f"training.precision=auto: {precision.describe()}"))
+    rows.append(distributed_row(device))
     for module, dist, purpose in OPTIONAL_BACKENDS:
         found = importlib.util.find_spec(module) is not None
         rows.append((dist, (_version(dist) or "installed") if found else "not installed", purpose))
