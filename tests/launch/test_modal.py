@@ -73,8 +73,15 @@ def test_the_plan_reaches_the_decorators(tmp_path):
     assert config["gpu"] == "A100-80GB:4"
     assert config["app_name"] == "wft-tiny-pretrain"
     assert config["volume"] == "wft-runs" and config["nodes"] == 1
-    assert config["secrets"] == ["HF_TOKEN", "WANDB_API_KEY"]
+    assert config["secrets"] == ["HF_TOKEN"]  # tiny does not log to W&B: no key asked for
     assert config["retries"] == 3
+    logged = build_plan(load_recipe("tiny", ["logging.wandb=true"]), "pretrain",
+                        LaunchFlags(backend="modal", gpus="L4"))
+    assert mb.modal_secrets(logged) == ("HF_TOKEN", "WANDB_API_KEY")
+    # The recipe's SkyPilot infra is not a Modal error; --cloud is.
+    nebius = build_plan(load_recipe("tiny", ["launch.infra=nebius"]), "pretrain",
+                        LaunchFlags(backend="modal", gpus="L4"))
+    assert nebius.infra is None and mb.check_modal_plan(nebius)
 
 
 def test_several_nodes_import_as_a_cluster(tmp_path):

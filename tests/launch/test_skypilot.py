@@ -144,6 +144,9 @@ def test_plan_takes_flags_over_the_recipe_and_moves_output_dir_to_the_bucket():
 def test_wandb_logging_installs_the_extra():
     plan = build_plan(load_recipe("tiny", ["logging.wandb=true"]), "pretrain")
     assert plan.extras == ("wandb",)
+    both = build_plan(load_recipe("tiny", ["logging.wandb=true", "logging.tensorboard=true"]),
+                      "pretrain")
+    assert both.extras == ("wandb", "tensorboard")
     assert pip_install_command(plan.extras, checkout=True) == 'pip install -e ".[wandb]"'
     assert re.fullmatch(r'pip install "wftool\[wandb\]==[0-9][^"]*"',
                         pip_install_command(plan.extras, checkout=False))

@@ -88,6 +88,13 @@ def check_gpus(gpus: str, nodes: int = 1) -> tuple[str, int]:
     return name, count
 
 
+def modal_secrets(plan: LaunchPlan) -> tuple[str, ...]:
+    """The Modal Secrets the run attaches: a W&B key only when the recipe logs to W&B
+    (each listed Secret must exist on Modal, or the run does not start)."""
+    return tuple(name for name in plan.secrets
+                 if plan.recipe.logging.wandb or name != "WANDB_API_KEY")
+
+
 def check_modal_plan(plan: LaunchPlan) -> list[str]:
     """Raise WftError for what Modal would refuse; return the checks that passed, one line
     each (what `--dry-run` prints)."""
@@ -102,14 +109,14 @@ def check_modal_plan(plan: LaunchPlan) -> list[str]:
     if plan.max_restarts > MAX_RETRIES:
         raise WftError(f"launch.max_restarts={plan.max_restarts}: Modal retries a function at "
                        f"most {MAX_RETRIES} times", f"set launch.max_restarts={MAX_RETRIES}")
-    for secret in plan.secrets:
+    for secret in modal_secrets(plan):
         if not _SECRET_NAME.match(secret):
             raise WftError(f"launch.secrets: {secret!r} is not a Modal Secret name",
                            "letters, digits, '.', '_' and '-', at most 64")
     shape = f"{plan.nodes} x {name}:{count}" + (" (modal.clustered)" if plan.nodes > 1 else "")
     return [f"modal: {shape}, {plan.world_size} process(es)",
             f"modal: Volume {plan.volume} at {plan.output_dir} (checkpoints, HF cache)",
-            f"modal: secrets {', '.join(plan.secrets) or 'none'}; "
+            f"modal: secrets {', '.join(modal_secrets(plan)) or 'none'}; "
             f"{plan.max_restarts} retries, each resuming"]
 
 
@@ -120,7 +127,7 @@ def plan_env(plan: LaunchPlan) -> dict[str, str]:
         "WFT_MODAL_GPU": f"{plan.gpu_type.upper()}:{plan.gpus_per_node}",
         "WFT_MODAL_NODES": str(plan.nodes),
         "WFT_MODAL_VOLUME": plan.volume,
-        "WFT_MODAL_SECRETS": ",".join(plan.secrets),
+        "WFT_MODAL_SECRETS": ",".join(modal_secrets(plan)),
         "WFT_MODAL_RETRIES": str(plan.max_restarts),
         "WFT_MODAL_EXTRAS": ",".join(plan.extras),
     }

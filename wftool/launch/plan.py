@@ -114,13 +114,16 @@ def build_plan(recipe: Recipe, stage: str, flags: LaunchFlags = LaunchFlags()) -
     remote = recipe.model_copy(deep=True)
     if persistent:
         remote.output_dir = REMOTE_RUNS_DIR
-    extras = (("wandb",) if recipe.logging.wandb else ()) + _storage_extras(recipe)
+    logging = recipe.logging
+    extras = ((("wandb",) if logging.wandb else ()) + (("tensorboard",) if logging.tensorboard
+                                                        else ()) + _storage_extras(recipe))
     return LaunchPlan(
         recipe=remote,
         stage=stage,
         recipe_text=recipe_yaml(remote),
         backend=backend,
-        infra=flags.cloud or launch.infra,
+        # The recipe's SkyPilot infra means nothing to Modal; only --cloud there is an error.
+        infra=flags.cloud or (launch.infra if backend == "skypilot" else None),
         accelerators=accelerators,
         gpu_type=gpu_type,
         gpus_per_node=gpus_per_node,

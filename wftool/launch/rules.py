@@ -156,7 +156,7 @@ def plan_warnings(plan: LaunchPlan) -> list[str]:
         warnings.append(f"{plan.nodes} nodes: output_dir ({plan.output_dir}) must be a file "
                         "system every node mounts at the same path; the run checks this "
                         "when it starts")
-    if plan.backend == "skypilot" and not plan.bucket:
+    if plan.backend == "skypilot" and not plan.bucket and plan.nodes == 1:
         where = ("copied to sync_to" if plan.recipe.sync_to else
                  "lost: SkyPilot tears the machines down when the job ends")
         fix = "" if plan.cloud == "runpod" else " (set --bucket s3://... or launch.bucket)"

@@ -78,7 +78,7 @@ def torchrun_argv(processes: Processes, command: list[str]) -> list[str]:
 def run_torchrun(argv: list[str]) -> int:
     """Run torchrun in the foreground; its exit status is the command's, except that a
     rank which stopped on a user error (a clear message, exit 2) makes it 2, as one process
-    would (a cloud job does not retry those)."""
+    would (Modal's app does not retry those)."""
     with tempfile.TemporaryDirectory() as tmp:
         marker = Path(tmp) / "user-error"
         env = {**os.environ, "WFT_USER_ERROR_FILE": str(marker)}
