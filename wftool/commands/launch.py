@@ -192,7 +192,9 @@ def _what(plan) -> str:
 
 
 def _secret_flags(plan) -> str:
-    return "".join(f"--secret {name} " for name in plan.secrets)
+    from wftool.launch.skypilot_task import needed_secrets
+
+    return "".join(f"--secret {name} " for name in needed_secrets(plan))
 
 
 def _secrets_line(plan) -> str:

@@ -62,7 +62,7 @@ def task_config(plan: LaunchPlan, recipe_file: str, workdir: str | None,
     """The SkyPilot task (YAML form) for a plan: `recipe_file` is the local resolved recipe
     mounted at ~/wft-recipe.yaml; `workdir` is a wft source checkout to sync and install, or
     None to install this wft version from PyPI; `secrets` the names to list (default: the
-    plan's)."""
+    plan's, less those the recipe does not use)."""
     resources: dict[str, Any] = {}
     if plan.infra:
         resources["infra"] = plan.infra
@@ -82,7 +82,7 @@ def task_config(plan: LaunchPlan, recipe_file: str, workdir: str | None,
     if plan.bucket:
         mounts[plan.output_dir] = {"source": plan.bucket, "mode": _BUCKET_MODE}
     config["file_mounts"] = mounts
-    names = plan.secrets if secrets is None else secrets
+    names = needed_secrets(plan) if secrets is None else secrets
     if names:
         config["secrets"] = {name: None for name in names}  # names only, never values
     config["setup"] = setup_script(plan, checkout=workdir is not None)
@@ -134,6 +134,12 @@ def launch_argv(plan: LaunchPlan, task_file: str, secrets: tuple[str, ...],
     for name in secrets:
         argv += ["--secret", name]
     return argv + [task_file]
+
+
+def needed_secrets(plan: LaunchPlan) -> tuple[str, ...]:
+    """The plan's secrets less those its recipe does not use (a W&B key without W&B)."""
+    return tuple(name for name in plan.secrets
+                 if not (name in _OPTIONAL_SECRETS and _OPTIONAL_SECRETS[name](plan)))
 
 
 def passed_secrets(plan: LaunchPlan, environ: Mapping[str, str] = os.environ
