@@ -267,3 +267,23 @@ def test_progress_shows_the_tokens_per_second_the_metrics_log_holds(tmp_path):
     shown = {int(m.group(1)): m.group(2) for m in re.finditer(
         r"step (\d+)/4 .*?tok/s ([\d,]+)", console.export_text())}
     assert shown and all(shown[s] == f"{logged[s]:,.0f}" for s in shown), (shown, logged)
+
+
+def test_data_shards_are_fixed_by_the_first_checkpoint(tmp_path):
+    """One process reading two shards (the global batch of two processes) resumes with its
+    shards; asking for another split is refused with the way out, nothing trained."""
+    path = small_recipe(tmp_path)
+    two_shards = ["training.max_steps=2", "distributed.data_shards=2", "training.grad_accum=2"]
+    recipe = load_recipe(path, two_shards, stage="pretrain")
+    run_convert(recipe)
+    run_pretrain(recipe)
+    longer = load_recipe(path, ["training.max_steps=4", "distributed.data_shards=1"],
+                         stage="pretrain")
+    with pytest.raises(WftError, match="distributed.data_shards=1, but the run") as err:
+        run_pretrain(longer)
+    assert "resume.mode=never" in err.value.hint
+    console = _console()
+    resumed = run_pretrain(load_recipe(path, ["training.max_steps=4", "training.grad_accum=4"],
+                                       stage="pretrain"), console)
+    assert resumed.steps == 4
+    assert "global batch changes from 8 rows per step" in console.export_text()
