@@ -18,14 +18,6 @@ def test_help_lists_every_stage():
         assert verb in result.output
 
 
-@pytest.mark.parametrize("verb", ["unified"])
-def test_unbuilt_stages_say_so_with_exit_2(verb):
-    result = runner.invoke(app, [verb, "tiny"])
-    assert result.exit_code == 2
-    assert "not available yet" in result.output
-    assert "Traceback" not in result.output
-
-
 def test_bad_override_exits_2_without_traceback():
     result = runner.invoke(app, ["convert", "tiny", "convert.sub_norm=middle"])
     assert result.exit_code == 2

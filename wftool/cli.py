@@ -202,26 +202,8 @@ def convert(
     print_convert_summary(result, config, console)
 
 
-def _not_yet(stage: str, what: str):
-    @user_errors
-    def command(recipe: RecipeArg, overrides: OverridesArg = None):
-        from wftool.recipe.schema import STAGES
-
-        _load(recipe, overrides, stage if stage in STAGES else None)
-        raise WftError(
-            f"`wft {command.cli_name}` is not available yet in wft {_version()}: {what} "
-            "is still being built",
-            "available today: convert, layerwise, pretrain, distill, pipeline, export-gguf, "
-            "serve, eval, launch, recipe, doctor",
-        )
-
-    return command
-
-
 def _stage_examples(stage) -> str:
     """Examples for a stage's command, from the stage registry."""
-    if not stage.available:
-        return _examples(f"wft {stage.name} tiny  # says what is still being built")
     return _examples(
         f"wft {stage.name} tiny  # the bundled tiny recipe, on a CPU",
         f"wft {stage.name} recipes/byo.yaml training.max_steps=100  # sets "
@@ -316,15 +298,10 @@ def _register_stage_commands() -> None:
     from wftool.stage_registry import STUDENT_STAGES
 
     for stage in STUDENT_STAGES:
-        if stage.trains:
-            command = _training_command(stage.name)
-        elif not stage.available:
-            command = _not_yet(stage.name, stage.summary.split(",")[0])
-            command.cli_name = stage.name
-        else:
+        if not stage.trains:
             continue  # convert has its own options
-        command.__doc__ = (stage.summary if stage.available
-                           else stage.summary.rstrip(".") + " (not available yet).")
+        command = _training_command(stage.name)
+        command.__doc__ = stage.summary
         app.command(name=stage.name, epilog=_stage_examples(stage))(command)
 
 

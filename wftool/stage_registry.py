@@ -25,7 +25,6 @@ class Stage:
     runner: str | None = None  # "module:function" for training stages; None: not trained
     previous: tuple[str, ...] = ()  # stages whose final/ it starts from, preferred first
     table_label: str = ""  # its row in the pipeline and eval tables
-    available: bool = True  # False: the command exists but says it is still being built
 
     @property
     def trains(self) -> bool:
@@ -46,11 +45,12 @@ STUDENT_STAGES: tuple[Stage, ...] = (
           runner="wftool.train.stages:run_pretrain", previous=("layerwise", "convert"),
           table_label="student after pretrain"),
     Stage("unified", "LM loss + masked diffusion-LM loss in one pass, curriculum, MuonClip.",
-          previous=("pretrain", "layerwise", "convert"), table_label="student after unified",
-          available=False),
+          runner="wftool.train.stages:run_unified", previous=("pretrain", "layerwise", "convert"),
+          table_label="student after unified"),
     Stage("distill", "Stage 3: logits KL + attention relation distillation from a teacher.",
           runner="wftool.train.stages:run_distill",
-          previous=("pretrain", "layerwise", "convert"), table_label="BitDistill student"),
+          previous=("unified", "pretrain", "layerwise", "convert"),
+          table_label="BitDistill student"),
 )
 # Recipe sections that are not model stages but take stage-relative overrides too.
 OTHER_SECTIONS = ("export", "serve", "launch")

@@ -38,6 +38,8 @@ class TernaryMetadata:
     format_version: int = FORMAT_VERSION
     weights: str = "ternary_absmean"
     activations: str = "int8_absmax_per_token"
+    # A unified student's mask token and decoding settings (mask_token.DiffusionSettings).
+    diffusion: dict | None = None
 
 
 def is_ternary_checkpoint(path: str | Path) -> bool:
@@ -171,6 +173,13 @@ def _metadata_problem(meta: TernaryMetadata) -> str | None:
         return f"quant_mix {meta.quant_mix!r} is not a number in [0, 1]"
     if not isinstance(meta.format_version, int) or isinstance(meta.format_version, bool):
         return f"format_version {meta.format_version!r} is not an integer"
+    if meta.diffusion is not None:
+        from wftool.model.mask_token import DiffusionSettings
+
+        try:
+            DiffusionSettings.from_dict(meta.diffusion)
+        except (ValueError, TypeError) as err:
+            return str(err)
     return None
 
 

@@ -4,6 +4,8 @@ Latent weights stay full precision and are what the optimizer updates; gradients
 straight through the quantizers (STE). The custom autograd function keeps backward as cheap
 as nn.Linear's: it saves the quantized input and the latent weight (not a second, quantized
 copy of the weight, which FSDP could not free between forward and backward).
+With Q-Sparse on (`sparsity` > 0) each token keeps only its top-K |x| before quantization;
+the input gradient stays straight through, so backward is unchanged.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wftool.quant.q_sparse import sparsify_top_k
 from wftool.quant.ternary import fake_quantize_activations, ternary_weight
 
 
@@ -40,9 +43,11 @@ class _BitLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mix, quantize_input=True):
+    def forward(ctx, x, weight, bias, mix, quantize_input=True, sparsity=0.0):
         dtype = _compute_dtype(x, weight)
         with torch.autocast(x.device.type, enabled=False):
+            if sparsity:
+                x = sparsify_top_k(x, sparsity)
             x_q = (fake_quantize_activations(x) if quantize_input else x).to(dtype)
             w_q = _effective_weight(weight, mix).to(dtype)
             out = F.linear(x_q, w_q, None if bias is None else bias.to(dtype))
@@ -58,7 +63,8 @@ class _BitLinearFunction(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
             if ctx.needs_input_grad[0]:
-                # Straight-through: d out / d x = W_q, recomputed rather than kept alive.
+                # Straight-through (through top-K too): d out / d x = W_q, recomputed
+                # rather than kept alive.
                 w_q = _effective_weight(weight, mix).to(grad_out.dtype)
                 grad_x = (grad_out @ w_q).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
@@ -66,7 +72,7 @@ class _BitLinearFunction(torch.autograd.Function):
                 grad_w = (flat_grad.T @ flat_x).to(weight.dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = flat_grad.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def bitlinear(
@@ -75,11 +81,13 @@ def bitlinear(
     bias: torch.Tensor | None = None,
     mix: torch.Tensor | None = None,
     quantize_input: bool = True,
+    sparsity: float = 0.0,
 ) -> torch.Tensor:
     """Functional BitLinear: linear(absmax_int8(x), absmean_ternary(W)) with STE gradients.
     `quantize_input=False` keeps activations in floating point (what llama.cpp computes for
-    F16 exports), for comparisons only."""
-    return _BitLinearFunction.apply(x, weight, bias, mix, quantize_input)
+    F16 exports), for comparisons only. `sparsity` > 0 first keeps each token's top-K |x|
+    (Q-Sparse, see wftool.quant.q_sparse), also with a straight-through gradient."""
+    return _BitLinearFunction.apply(x, weight, bias, mix, quantize_input, sparsity)
 
 
 class RMSNorm(nn.Module):
@@ -107,6 +115,10 @@ class BitLinear(nn.Linear):
     (the "all" SubLN placement: one norm per projection, saved as ``<proj>.input_norm``) or
     shared from the parent block via :meth:`use_sub_norm` (the paper placement, where the
     norm lives at a flat name such as ``self_attn.attn_sub_norm`` as llama.cpp expects).
+
+    ``sparsity`` is the Q-Sparse share of each token's features dropped before quantization
+    (0.0, the default, is off). A plain float, not a buffer, so state dicts do not change;
+    set it model-wide with :func:`wftool.quant.q_sparse.set_q_sparsity`.
     """
 
     def __init__(
@@ -125,6 +137,7 @@ class BitLinear(nn.Linear):
         self.register_buffer("quant_mix", torch.ones((), dtype=torch.float32), persistent=False)
         self.warming_up = False
         self.quantize_input = True
+        self.sparsity = 0.0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, input_norm_eps: float | None = None) -> BitLinear:
@@ -162,12 +175,13 @@ class BitLinear(nn.Linear):
         if self.input_norm is not None:
             x = self.input_norm(x)
         mix = self.quant_mix if self.warming_up else None
-        return bitlinear(x, self.weight, self.bias, mix, self.quantize_input)
+        return bitlinear(x, self.weight, self.bias, mix, self.quantize_input, self.sparsity)
 
     def extra_repr(self) -> str:
         shared = self.input_norm is not None and "input_norm" not in self._modules
         return (
             super().extra_repr()
             + ", weights=ternary, activations=int8"
+            + (f", q_sparsity={self.sparsity:g}" if self.sparsity else "")
             + (", input_norm=shared sub-norm" if shared else "")
         )

@@ -4,7 +4,8 @@
 int8, a quarter of the fp32 latent weight's memory, and the fp32 delta), and computes the
 BitNet b1.58 product in integers: int8 activation codes x int8 weight codes accumulated in
 int32 (exact), then scaled by activation scale x delta. `pack_ternary_layers` swaps every
-BitLinear of a trained model for one, freeing the latent weights.
+BitLinear of a trained model for one, freeing the latent weights. A Q-Sparse student's
+`sparsity` comes along, so the served layer keeps the same top-K activations it trained with.
 
 Codes stay int8 rather than 2-bit packed in memory: unpacking 2-bit codes before every
 matmul costs ~10x the integer matmul itself on CPU (see bench/serve.py), while int8 codes
@@ -18,6 +19,7 @@ from torch import nn
 
 from wftool.errors import WftError
 from wftool.quant.bitlinear import BitLinear
+from wftool.quant.q_sparse import sparsify_top_k
 from wftool.quant.ternary import quantize_activations, ternarize
 
 
@@ -31,11 +33,14 @@ def _integer_matmul(x_codes: torch.Tensor, w_codes_t: torch.Tensor) -> torch.Ten
 
 
 class TernaryLinear(nn.Module):
-    """y = (codes_x @ codes_W^T) * scale_x * delta + bias, with the input norm first."""
+    """y = (codes_x @ codes_W^T) * scale_x * delta + bias, with the input norm first (and
+    Q-Sparse top-K of x next, when `sparsity` > 0; a plain float, outside the state dict)."""
 
     def __init__(self, codes: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None,
-                 input_norm: nn.Module | None = None, owns_norm: bool = True):
+                 input_norm: nn.Module | None = None, owns_norm: bool = True,
+                 sparsity: float = 0.0):
         super().__init__()
+        self.sparsity = sparsity
         self.out_features, self.in_features = codes.shape
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("delta", delta.detach().float().reshape(()))
@@ -55,11 +60,14 @@ class TernaryLinear(nn.Module):
             )
         codes, delta = ternarize(layer.weight)
         owns = "input_norm" in layer._modules
-        return cls(codes, delta, layer.bias, layer.input_norm, owns_norm=owns)
+        return cls(codes, delta, layer.bias, layer.input_norm, owns_norm=owns,
+                   sparsity=layer.sparsity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm is not None:
             x = self.input_norm(x)
+        if self.sparsity:
+            x = sparsify_top_k(x, self.sparsity)
         shape = x.shape
         quantized = quantize_activations(x.reshape(-1, self.in_features))
         out = _integer_matmul(quantized.codes, self.codes.t())
@@ -70,7 +78,8 @@ class TernaryLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weights=int8 ternary codes")
+                f"bias={self.bias is not None}, weights=int8 ternary codes"
+                + (f", q_sparsity={self.sparsity:g}" if self.sparsity else ""))
 
 
 @torch.no_grad()

@@ -118,6 +118,12 @@ class QuantizationSpec(Section):
         "steps of the student's whole training: convert starts it at 0, each stage continues "
         "from the mix its input reached (0 = off: ternary from the start)."
     )
+    q_sparsity: Float = Field(
+        0.0, ge=0.0, lt=1.0, description="Q-Sparse: share of each token's activations zeroed "
+        "(smallest |x|) before every quantized matmul, in training and in the torch runtime "
+        "(0 = off; ~0.6 is the reported optimum for 1.58-bit). llama.cpp GGUFs run dense.")
+    q_sparse_warmup_steps: Steps = Field(
+        0, description="Ramp q_sparsity from 0 over this many optimizer steps of a stage.")
 
 
 class DataSource(Section):
@@ -309,17 +315,72 @@ class PretrainStage(_TrainingStage):
     quantize: bool = Field(True, description="False trains a full-precision model (a teacher).")
 
 
-class UnifiedStage(_TrainingStage):
-    """LM loss + masked-diffusion loss in one pass."""
+class CurriculumPhase(Section):
+    """One phase of the unified curriculum: until a fraction of the run's steps."""
 
-    dlm_weights: list[Weight] = Field(
-        default_factory=lambda: [0.0, 0.5, 1.0],
-        min_length=1,
-        max_length=1000,
-        description="Curriculum: DLM loss weight per phase (phases split the steps evenly).",
-    )
-    mask_eps: Float = Field(1e-3, gt=0.0, lt=1.0)
-    qk_clip_tau: PositiveWeight | None = Field(100.0, description="MuonClip threshold.")
+    until: Float = Field(..., gt=0.0, le=1.0,
+                         description="End of the phase, as a fraction of the run's steps.")
+    dlm_weight: Weight = Field(..., description="Weight of the masked-diffusion loss.")
+    mask_ratio: tuple[Fraction, Fraction] | None = Field(
+        None, description="Range [low, high] the noise level t is drawn from in this phase "
+        "(default [mask_eps, 1]).")
+
+    @field_validator("mask_ratio")
+    @classmethod
+    def _ordered(cls, ratio):
+        if ratio is not None and not ratio[0] < ratio[1]:
+            raise ValueError("needs low < high, e.g. [0.1, 0.9]")
+        return ratio
+
+
+def _default_curriculum() -> list[CurriculumPhase]:
+    # METHOD.md section 7: ramp the diffusion weight 0 -> 0.5 -> 1.
+    return [CurriculumPhase(until=0.2, dlm_weight=0.0),
+            CurriculumPhase(until=0.5, dlm_weight=0.5),
+            CurriculumPhase(until=1.0, dlm_weight=1.0)]
+
+
+class UnifiedStage(_TrainingStage):
+    """Next-token CE + masked-diffusion loss in one pass, a curriculum, MuonClip."""
+
+    training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(optimizer="muon"))
+    ar_weight: Weight = Field(1.0, description="Weight of the next-token (AR) loss.")
+    curriculum: list[CurriculumPhase] = Field(
+        default_factory=_default_curriculum, min_length=1, max_length=1000,
+        description="Phases by step fraction (`until` rising to 1.0), each with its "
+        "diffusion-loss weight and optional mask-ratio range.")
+    mask_mode: Literal["split", "complementary"] = Field(
+        "split", description="`split`: each micro-batch's rows are shared between the "
+        "objectives (no extra compute); `complementary`: as split, and each denoising row is "
+        "used twice, masked with M and with its complement (every token denoised once).")
+    dlm_share: Float = Field(
+        0.5, gt=0.0, lt=1.0, description="Share of each micro-batch's rows that train "
+        "denoising while the phase's dlm_weight > 0 (all rows train next-token CE at 0).")
+    mask_eps: Float = Field(1e-3, gt=0.0, lt=0.5, description="t ~ U(mask_eps, 1).")
+    shift: bool = Field(
+        True, description="Keep the next-token shift: logits at position i-1 predict a "
+        "masked token at i (AR-to-diffusion adaptation); false: position i predicts itself.")
+    attention: Literal["causal", "bidirectional", "anneal", "block"] = Field(
+        "block", description="Attention of denoising rows: `causal`; `bidirectional`; "
+        "`anneal` (causal to bidirectional over anneal_steps); `block` (block diffusion: "
+        "bidirectional within blocks of block_size, causal across them; decodes with a "
+        "KV cache that matches training).")
+    anneal_steps: Steps = Field(0, description="`anneal`: steps from causal to bidirectional.")
+    block_size: Int = Field(32, ge=1, le=MAX_SEQ_LEN,
+                            description="Block length of block diffusion and of decoding.")
+    qk_clip_tau: PositiveWeight | None = Field(
+        100.0, description="MuonClip: after each step, scale W_q/W_k rows of every head whose "
+        "max pre-softmax logit exceeded this (null: off).")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> UnifiedStage:
+        ends = [phase.until for phase in self.curriculum]
+        if any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0:
+            raise ValueError(f"curriculum: `until` must rise and end at 1.0 (got {ends})")
+        if self.attention == "anneal" and self.anneal_steps == 0:
+            raise ValueError("attention=anneal needs anneal_steps > 0 (steps from causal to "
+                             "bidirectional)")
+        return self
 
 
 class DistillStage(_TrainingStage):

@@ -176,6 +176,32 @@ def run_layerwise(recipe: Recipe, console=None) -> TrainResult:
     return _train(run, console)
 
 
+def run_unified(recipe: Recipe, console=None) -> TrainResult:
+    """Next-token CE + masked diffusion on the ternary student, after adding its mask token."""
+    from wftool.model.mask_token import add_mask_token
+    from wftool.train.unified import UnifiedObjective
+
+    stage = recipe.unified
+    model, tokenizer, meta = _load_student(find_init(recipe, "unified"))
+    mask_id = add_mask_token(model, tokenizer)
+    family = family_for_model_type(model.config.model_type)
+    hooks = ()
+    if stage.qk_clip_tau:
+        from wftool.train.qk_clip import QKClip
+
+        hooks = (QKClip(model, family, stage.qk_clip_tau),)
+    objective = UnifiedObjective(stage, mask_id, stage.training.max_steps, student=model,
+                                 hooks=hooks)
+    meta.diffusion = objective.settings().to_dict()
+    run = StageRun(
+        recipe=recipe, stage="unified", output_dir=Path(recipe.stage_dir("unified")),
+        model=model, tokenizer=tokenizer, objective=objective, training=stage.training,
+        data=stage.data or recipe.data, resume=stage.resume, meta=meta,
+        warmup_steps=recipe.quantization.warmup_steps,
+    )
+    return _train(run, console)
+
+
 def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = None) -> TrainResult:
     stage = recipe.distill
     model, tokenizer, meta = _load_student(find_init(recipe, "distill"))

@@ -43,7 +43,7 @@ from wftool.train.precision import Precision, resolve_precision
 from wftool.train.remote import stage_url, upload_dir
 
 _SHOWN = ("loss", "lr", "tok/s", "eval_loss", "eval_accuracy", "mem_gb", "quant_mix",
-          "eval_hidden")
+          "eval_hidden", "eval_dlm", "eval_dlm_accuracy", "dlm_weight", "qk_max_logit")
 
 
 @dataclass

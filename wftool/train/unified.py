@@ -1,0 +1,196 @@
+"""`unified`: next-token CE and the masked-diffusion loss in one forward (METHOD.md section 7).
+
+Each micro-batch is split between the objectives (or, in `complementary` mode, its denoising
+rows are used twice with complementary masks); all rows go through the model in one
+forward, each with its own attention mask: causal for next-token rows, the recipe's
+`attention` for denoising rows. The diffusion loss is the LLaDA / MDLM estimator: per row a
+noise level t ~ U(eps, 1), each token replaced by the mask token with probability t, CE on
+the masked tokens weighted by 1 / t, averaged over the maskable tokens. A curriculum of
+phases (by step fraction) sets the diffusion weight and the mask-ratio range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from wftool.model.mask_token import DiffusionSettings
+from wftool.recipe.schema import CurriculumPhase, UnifiedStage
+from wftool.train.diffusion_masks import (
+    maskable_positions,
+    sample_noise,
+    training_attention_mask,
+)
+from wftool.train.objectives import causal_lm_loss
+
+
+def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
+                          t: torch.Tensor, shift: bool, maskable: int | torch.Tensor
+                          ) -> torch.Tensor:
+    """sum over rows r and masked positions i of CE(i) / t_r, divided by `maskable` (the
+    number of positions that could have been masked). With `shift` the logits at i-1
+    predict the token at i."""
+    if shift:
+        logits, targets, masked = logits[:, :-1], targets[:, 1:], masked[:, 1:]
+    rows = torch.arange(masked.shape[0], device=masked.device)[:, None].expand_as(masked)
+    picked = logits[masked].float()  # only masked positions reach the (large) softmax
+    ce = F.cross_entropy(picked, targets[masked], reduction="none")
+    weighted = ce / t[rows[masked]]
+    if torch.is_tensor(maskable):
+        return weighted.sum() / maskable.clamp(min=1)
+    return weighted.sum() / max(maskable, 1)
+
+
+def phase_at(curriculum: list[CurriculumPhase], step: int, max_steps: int) -> CurriculumPhase:
+    """The phase optimizer step `step` (0-based) belongs to: the first whose `until`
+    fraction of `max_steps` lies beyond it."""
+    fraction = step / max(max_steps, 1)
+    for phase in curriculum:
+        if fraction < phase.until:
+            return phase
+    return curriculum[-1]
+
+
+def anneal_lookahead(step: int, anneal_steps: int, seq_len: int) -> int:
+    """How far ahead denoising rows see at `step` while attention anneals from causal (0)
+    to bidirectional (the whole row) over `anneal_steps`."""
+    if anneal_steps <= 0 or step >= anneal_steps:
+        return seq_len
+    return math.floor(seq_len * step / anneal_steps)
+
+
+class _Clock:
+    """A step hook that tells the objective which optimizer step it is computing, and
+    logs the curriculum's current weight."""
+
+    name = "unified_curriculum"
+
+    def __init__(self, spec: UnifiedStage, max_steps: int):
+        self.spec, self.max_steps = spec, max_steps
+        self.step = 0
+
+    def before_step(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {"dlm_weight": phase_at(self.spec.curriculum, self.step, self.max_steps).dlm_weight}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class UnifiedObjective:
+    """`unified`: ar_weight * next-token CE + dlm_weight(phase) * masked-diffusion loss."""
+
+    def __init__(self, spec: UnifiedStage, mask_token_id: int, max_steps: int,
+                 student: torch.nn.Module | None = None, hooks: tuple = ()):
+        self.spec, self.mask_token_id = spec, mask_token_id
+        self.clock = _Clock(spec, max_steps)
+        self.hooks = (self.clock, *hooks)
+        self.student = student  # scored by `held_out` (the trainer's evaluation)
+
+    def settings(self) -> DiffusionSettings:
+        """What decoding needs to know, saved with the model."""
+        attention = {"anneal": "bidirectional"}.get(self.spec.attention, self.spec.attention)
+        return DiffusionSettings(self.mask_token_id, self.spec.shift, attention,
+                                 self.spec.block_size)
+
+    def __call__(self, model, batch, progress):
+        spec, step = self.spec, self.clock.step
+        phase = phase_at(spec.curriculum, step, self.clock.max_steps)
+        rows = batch["input_ids"].shape[0]
+        if phase.dlm_weight == 0:
+            ar_rows, dlm_rows = slice(0, rows), None
+        elif rows == 1:  # one row: it trains both objectives (the forward doubles)
+            ar_rows, dlm_rows = slice(0, 1), slice(0, 1)
+        else:
+            denoised = min(max(round(rows * spec.dlm_share), 1), rows - 1)
+            ar_rows, dlm_rows = slice(0, rows - denoised), slice(rows - denoised, rows)
+        pieces = [self._next_token_rows(batch, ar_rows)]
+        noise = None
+        if dlm_rows is not None:
+            noise = self._denoising_rows(batch, dlm_rows, phase, step)
+            pieces.append(noise)
+        inputs = {key: torch.cat([piece[key] for piece in pieces])
+                  for key in ("input_ids", "position_ids", "attention_mask")}
+        logits = model(**inputs, use_cache=False).logits
+        n_ar = pieces[0]["input_ids"].shape[0]
+        ar = causal_lm_loss(logits[:n_ar], batch["labels"][ar_rows])
+        loss = spec.ar_weight * ar
+        parts = {"ar": ar.detach()}
+        if noise is not None:
+            dlm = masked_diffusion_loss(logits[n_ar:], noise["targets"], noise["masked"],
+                                        noise["t"], spec.shift, noise["maskable"])
+            loss = loss + phase.dlm_weight * dlm
+            parts["dlm"] = dlm.detach()
+        return loss, parts
+
+    def _next_token_rows(self, batch: dict, rows: slice) -> dict:
+        positions = batch["position_ids"][rows]
+        padding = _padding(batch, rows)
+        return {"input_ids": batch["input_ids"][rows], "position_ids": positions,
+                "attention_mask": training_attention_mask(positions, "causal",
+                                                          padding=padding)}
+
+    def _denoising_rows(self, batch: dict, rows: slice, phase: CurriculumPhase, step: int,
+                        generator: torch.Generator | None = None) -> dict:
+        spec = self.spec
+        ids, positions = batch["input_ids"][rows], batch["position_ids"][rows]
+        padding = _padding(batch, rows)
+        eligible = maskable_positions(batch["labels"][rows], positions, spec.shift)
+        low, high = phase.mask_ratio or (spec.mask_eps, 1.0)
+        low = max(low, spec.mask_eps)
+        if spec.mask_mode == "complementary":  # 1 - t must stay >= eps as well
+            high = min(high, 1.0 - spec.mask_eps)
+        t, masked = sample_noise(eligible, low, high, generator)
+        if spec.mask_mode == "complementary":
+            t = torch.cat([t, 1.0 - t])
+            masked = torch.cat([masked, eligible & ~masked])
+            ids, positions, eligible = ids.repeat(2, 1), positions.repeat(2, 1), eligible.repeat(2, 1)
+            padding = None if padding is None else padding.repeat(2, 1)
+        lookahead = anneal_lookahead(step, spec.anneal_steps, ids.shape[1])
+        attention = training_attention_mask(positions, spec.attention, padding=padding,
+                                            block_size=spec.block_size, lookahead=lookahead)
+        noisy = torch.where(masked, torch.full_like(ids, self.mask_token_id), ids)
+        return {"input_ids": noisy, "position_ids": positions, "attention_mask": attention,
+                "targets": ids, "masked": masked, "t": t, "maskable": eligible.sum()}
+
+    @torch.no_grad()
+    def held_out(self, outputs, batch) -> dict[str, torch.Tensor]:
+        """The diffusion loss and masked-token accuracy on a held-out batch, with masks
+        drawn from a generator seeded by the batch (the same at every evaluation)."""
+        if self.student is None:
+            return {}
+        generator = torch.Generator().manual_seed(int(batch["input_ids"].sum()) % (1 << 62))
+        phase = self.spec.curriculum[-1]
+        noise = self._denoising_rows(batch, slice(None), phase, self.clock.step, generator)
+        logits = self.student(input_ids=noise["input_ids"], position_ids=noise["position_ids"],
+                              attention_mask=noise["attention_mask"], use_cache=False).logits
+        dlm = masked_diffusion_loss(logits, noise["targets"], noise["masked"], noise["t"],
+                                    self.spec.shift, noise["maskable"])
+        return {"dlm": dlm, "dlm_accuracy": masked_accuracy(logits, noise["targets"],
+                                                            noise["masked"], self.spec.shift)}
+
+
+def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
+                    shift: bool) -> torch.Tensor:
+    """Share of masked tokens whose argmax prediction is right (the mask token excluded
+    from nothing: a model that predicts it is simply wrong)."""
+    if shift:
+        logits, targets, masked = logits[:, :-1], targets[:, 1:], masked[:, 1:]
+    picked = logits[masked].argmax(-1)
+    right = (picked == targets[masked]).sum()
+    return right.float() / masked.sum().clamp(min=1)
+
+
+def _padding(batch: dict, rows: slice) -> torch.Tensor | None:
+    padding = batch.get("attention_mask")
+    return None if padding is None else padding[rows]
