@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -61,6 +61,7 @@ class ExportResult:
     read_back: list[str]  # problems found re-reading the file
     llamacpp: dict | None = None  # logits comparison, when llama-cpp-python ran the file
     llamacpp_error: str | None = None  # why llama.cpp could not load the file
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (row, text) for the report
 
     @property
     def export_type(self) -> str:
@@ -227,6 +228,7 @@ def run_export(source: Path, export_type: str, output: Path | None, validate: bo
                        "copy the tokenizer files (tokenizer.json, tokenizer_config.json) of "
                        "the model it was converted from into the directory")
     family = family_by_name(meta.family)
+    notes = _runtime_notes(model, meta)
     target, blockers = plan_gguf_export(model, family, meta.sub_norm, meta.quant_mix,
                                         export_type, tokenizer)
     if blockers:
@@ -242,7 +244,7 @@ def run_export(source: Path, export_type: str, output: Path | None, validate: bo
                            "check the path, its permissions and the free disk space") from None
         result = ExportResult(output, source, target, len(written),
                               sum(t.kind == "ternary" for t in written),
-                              tmp.stat().st_size / 1e6, validate, [])
+                              tmp.stat().st_size / 1e6, validate, [], notes=notes)
         if validate:
             result.read_back = check_gguf_tensors(tmp, model, target, written)
         if (validate and not result.read_back and target.runtime == "llama.cpp"
@@ -262,6 +264,25 @@ def run_export(source: Path, export_type: str, output: Path | None, validate: bo
         with contextlib.suppress(OSError):  # gone already, or its folder could not be made
             tmp.unlink(missing_ok=True)
     return result
+
+
+def _runtime_notes(model, meta) -> list[tuple[str, str]]:
+    """What of the student a GGUF runtime does not do, said in the report. Q-Sparse is
+    switched off here, so the logits llama.cpp is checked against are the dense ones it
+    computes."""
+    notes = []
+    if meta.q_sparsity:
+        from wftool.quant.q_sparse import set_q_sparsity
+
+        set_q_sparsity(model, 0.0)
+        notes.append(("Q-Sparse", f"q_sparsity {meta.q_sparsity:g} is not in the file: "
+                      "llama.cpp multiplies dense activations (`wft serve --backend torch` "
+                      "keeps the sparsity)"))
+    if meta.diffusion:
+        notes.append(("decoding", "autoregressive (the mask token is an ordinary extra "
+                      "token in llama.cpp); diffusion and self-speculative decoding run in "
+                      "wft's torch runtime: `wft serve --backend torch`"))
+    return notes
 
 
 def _refusal(source: Path, target: GgufTarget | None, export_type: str,
@@ -291,6 +312,8 @@ def print_export_report(result: ExportResult, console: Console) -> None:
     table.add_row("size", f"{result.size_mb:.2f} MB")
     table.add_row("read-back", _read_back_text(result))
     table.add_row("llama.cpp", _llamacpp_text(result))
+    for row, text in result.notes:
+        table.add_row(row, text)
     console.print(table)
 
 

@@ -21,6 +21,7 @@ from wftool.atomic import disk_full_error, is_disk_full, remove_leftovers, tempo
 from wftool.errors import WftError
 from wftool.model.families import family_by_name
 from wftool.model.surgery import convert_to_bitnet, set_quant_mix
+from wftool.quant.q_sparse import set_q_sparsity
 
 FORMAT_VERSION = 1
 CONFIG_KEY = "wft"
@@ -38,6 +39,7 @@ class TernaryMetadata:
     format_version: int = FORMAT_VERSION
     weights: str = "ternary_absmean"
     activations: str = "int8_absmax_per_token"
+    q_sparsity: float = 0.0  # Q-Sparse: share of activations zeroed per token (0 = off)
     # A unified student's mask token and decoding settings (mask_token.DiffusionSettings).
     diffusion: dict | None = None
 
@@ -173,6 +175,8 @@ def _metadata_problem(meta: TernaryMetadata) -> str | None:
         return f"quant_mix {meta.quant_mix!r} is not a number in [0, 1]"
     if not isinstance(meta.format_version, int) or isinstance(meta.format_version, bool):
         return f"format_version {meta.format_version!r} is not an integer"
+    if not (number(meta.q_sparsity) and 0 <= meta.q_sparsity < 1):
+        return f"q_sparsity {meta.q_sparsity!r} is not a number in [0, 1)"
     if meta.diffusion is not None:
         from wftool.model.mask_token import DiffusionSettings
 
@@ -228,6 +232,7 @@ def load_ternary_model(path: str | Path, dtype=None, device: str | torch.device 
     report = convert_to_bitnet(model, family, meta.sub_norm, meta.sub_norm_eps)
     _load_tensors(model, path, [f"{name}.weight" for name in report.sub_norms])
     set_quant_mix(model, meta.quant_mix)
+    set_q_sparsity(model, meta.q_sparsity)
     check_finite_weights(model, path)
     has_tokenizer = (path / "tokenizer_config.json").exists()
     tokenizer = _load_tokenizer_dir(path) if has_tokenizer else None

@@ -30,11 +30,12 @@ from wftool.atomic import disk_full_error, is_disk_full
 from wftool.errors import WftError
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
 from wftool.model.surgery import current_quant_mix
+from wftool.quant.q_sparse import current_q_sparsity
 from wftool.recipe.schema import DataSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.train.checkpointing import CheckpointManager, CorruptCheckpoint
 from wftool.train.data_shards import ShardedStream, check_layout, saved_positions
 from wftool.train.evaluation import eval_batches, evaluate_model
-from wftool.train.hooks import QuantWarmup, StepHook
+from wftool.train.hooks import QSparseWarmup, QuantWarmup, StepHook
 from wftool.train.metrics import MetricsLog, TensorBoardSink, WandbSink, peak_memory_gb
 from wftool.train.progress import ProgressDisplay, format_duration
 from wftool.train.objectives import Objective
@@ -43,7 +44,7 @@ from wftool.train.precision import Precision, resolve_precision
 from wftool.train.remote import stage_url, upload_dir
 
 _SHOWN = ("loss", "lr", "tok/s", "eval_loss", "eval_accuracy", "mem_gb", "quant_mix",
-          "eval_hidden", "eval_dlm", "eval_dlm_accuracy", "dlm_weight", "qk_max_logit")
+          "eval_hidden", "eval_dlm", "eval_dlm_accuracy", "dlm_weight", "qk_max_logit", "q_sparsity")
 
 
 @dataclass
@@ -127,6 +128,10 @@ class Trainer:
         self.hooks: list[StepHook] = list(getattr(run.objective, "hooks", ()))
         if run.meta is not None:
             self.hooks.insert(0, QuantWarmup(self.model, run.warmup_steps))
+            quantization = run.recipe.quantization
+            if quantization.q_sparsity or run.meta.q_sparsity:
+                self.hooks.insert(1, QSparseWarmup(self.model, quantization.q_sparsity,
+                                                   quantization.q_sparse_warmup_steps))
         self.optimizers = build_optimizers(self.model, spec,
                                            sharded=self.strategy == "fsdp2")
         self.schedulers = build_schedulers(self.optimizers, spec)
@@ -481,6 +486,7 @@ class Trainer:
             if meta is not None:
                 meta.stage = self.run.stage
                 meta.quant_mix = current_quant_mix(self.model)
+                meta.q_sparsity = current_q_sparsity(self.model)
             self.model.eval()
             save_model_dir(self.model, self.run.tokenizer, final, meta, extra_files={
                 "recipe.yaml": self._recipe_text(),
