@@ -14,7 +14,9 @@ from rich.table import Table
 
 from wftool.commands.convert import run_convert
 from wftool.commands.plot import write_pipeline_plot
+from wftool.eval.diffusion import diffusion_scores
 from wftool.model.checkpoint import load_model_dir
+from wftool.model.mask_token import diffusion_settings
 from wftool.model.loading import load_source_model
 from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.stage_registry import STUDENT_STAGE_NAMES, final_dir, get_stage
@@ -208,6 +210,10 @@ def _evaluate_rows(recipe: Recipe, rows: list[PipelineRow]) -> list[dict]:
         entry = {"model": row.label, "path": str(row.path)}
         text = evaluate_model(model, batches["text"], task=False)
         entry.update({"text_loss": text.get("eval_loss"), "text_ppl": text.get("eval_ppl")})
+        settings = diffusion_settings(model)
+        if settings is not None:  # a unified student: its diffusion mode on the same text
+            scores = diffusion_scores(model, batches["text"], settings)
+            entry.update({f"text_{key}": value for key, value in scores.items()})
         if "task" in batches:
             task = evaluate_model(model, batches["task"], task=True)
             entry.update({"task_loss": task.get("eval_loss"),
@@ -259,6 +265,7 @@ def print_pipeline_table(rows: list[dict], recipe: Recipe, console: Console) -> 
 
 
 NUMBER_COLUMNS = [("text\nloss", "text_loss"), ("text\nppl", "text_ppl"),
+                  ("diffusion\nloss", "text_dlm_loss"), ("masked\nacc %", "text_dlm_accuracy"),
                   ("task\nloss", "task_loss"), ("task\nacc %", "task_accuracy"),
                   ("tokens", "tokens"), ("time", "seconds")]
 
@@ -292,6 +299,8 @@ def _cell(key: str, row: dict) -> str:
         return _count(value)
     if key == "seconds":
         return format_duration(value) + (" *" if row.get("reused") else "")
+    if key == "text_dlm_accuracy":
+        return f"{100 * value:.1f}"
     if "loss" in key:
         return f"{value:.3f}"
     return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"  # a broken model's ppl: 6.02e+07

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from wftool.decoding.modes import AUTOREGRESSIVE, Decoding
 from wftool.runtime.llamacpp import gguf_context_length, import_llama, open_llama
 from wftool.serve.generation import END_OF_TURN_TOKENS, Sampling
 
@@ -58,7 +59,10 @@ class LlamaCppEngine:
     def stop_ids(self, chat: bool) -> set[int]:
         return self._eos | self._end_of_turn if chat else set(self._eos)
 
-    def sample(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+    def sample(self, prompt_ids: list[int], sampling: Sampling, max_tokens: int | None = None,
+               decoding: Decoding = AUTOREGRESSIVE) -> Iterator[int]:
+        if decoding.mode != "ar":  # the app refuses such requests before they get here
+            raise ValueError(f"llama.cpp decodes autoregressively only, not {decoding.mode!r}")
         # set_seed persists in the Llama object: reset it, or one request's seed would make
         # every later unseeded request repeat the same "random" text.
         from llama_cpp import LLAMA_DEFAULT_SEED

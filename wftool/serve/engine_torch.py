@@ -2,35 +2,23 @@
 
 Every BitLinear becomes a TernaryLinear (int8 codes + delta, integer matmul), so the served
 model computes what the export computes and holds no latent weights. Qwen3 students, which
-no upstream llama.cpp architecture can hold, are served this way.
+no upstream llama.cpp architecture can hold, are served this way. A unified student
+(`wft unified`) also decodes by block diffusion or self-speculatively (wftool/decoding), as
+each request asks.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from wftool.decoding.kv_cache import lookahead_problem
+from wftool.decoding.modes import AUTOREGRESSIVE, Decoding, decode
+from wftool.decoding.sampling import sample_token  # noqa: F401 (re-exported)
+from wftool.model.mask_token import diffusion_settings
 from wftool.serve.generation import END_OF_TURN_TOKENS, Sampling
-
-
-def sample_token(logits: torch.Tensor, sampling: Sampling, generator) -> int:
-    """Greedy at temperature 0 (or near it); else llama.cpp's order, so both backends draw
-    from the same distribution: keep the smallest set of tokens whose probability (before
-    temperature) reaches top_p, then sample from softmax(logits / T) over that set."""
-    if sampling.greedy:
-        return int(logits.argmax())
-    logits = logits.float()
-    if sampling.top_p < 1.0:
-        probs, order = torch.softmax(logits, dim=-1).sort(descending=True)
-        outside = probs.cumsum(-1) - probs >= sampling.top_p
-        outside[0] = False  # the top token always stays, even if top_p rounds to 0 in float32
-        logits = logits.clone()
-        logits[order[outside]] = float("-inf")
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class TorchEngine:
@@ -43,10 +31,11 @@ class TorchEngine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self._eos = self._eos_ids()
-        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns,
-        # and goes in 5.40); earlier 5.x releases only know the old one.
-        forward = inspect.signature(model.forward).parameters
-        self._cache_keyword = "cache" if "cache" in forward else "past_key_values"
+        # A unified student's mask token and decoding settings; None for any other model.
+        self.diffusion = diffusion_settings(model)
+        # Why diffusion and speculative decoding cannot run on this model, if they cannot.
+        self.diffusion_problem = (None if self.diffusion is None
+                                  else lookahead_problem(model, self.diffusion.attention))
         self._end_of_turn = {
             tid for token in END_OF_TURN_TOKENS
             if (tid := tokenizer.convert_tokens_to_ids(token)) is not None
@@ -92,17 +81,7 @@ class TorchEngine:
     def stop_ids(self, chat: bool) -> set[int]:
         return self._eos | self._end_of_turn if chat else set(self._eos)
 
-    @torch.inference_mode()
-    def sample(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
-        from transformers import DynamicCache
-
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        cache = {self._cache_keyword: DynamicCache(config=self.model.config)}
-        inputs = torch.tensor([prompt_ids], device=self.device)
-        while True:
-            logits = self.model(input_ids=inputs, use_cache=True, **cache).logits
-            token = sample_token(logits[0, -1], sampling, generator)
-            yield token
-            inputs = torch.tensor([[token]], device=self.device)
+    def sample(self, prompt_ids: list[int], sampling: Sampling, max_tokens: int | None = None,
+               decoding: Decoding = AUTOREGRESSIVE) -> Iterator[int]:
+        return decode(self.model, prompt_ids, max_tokens, decoding, sampling=sampling,
+                      settings=self.diffusion)

@@ -10,26 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
+from wftool.decoding.modes import AUTOREGRESSIVE, Decoding
+from wftool.decoding.sampling import GREEDY_BELOW, Sampling  # noqa: F401 (re-exported)
+
 # Tokens that end an assistant turn in common chat templates; a chat stops on any that the
 # vocabulary holds as a single token, besides the model's EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-
-
-# Temperatures below this sample greedily. softmax(logits / T) there already gives a token
-# 1e-3 below the top logit under e^-100 of the mass, and tinier ones overflow float32 in
-# either backend (1 / 1e-310 is inf; llama.cpp rounds 1e-40 to a subnormal and divides).
-GREEDY_BELOW = 1e-5
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0  # under GREEDY_BELOW (0 included) = greedy
-    top_p: float = 1.0  # the top token is always kept, however small
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
 
 
 class Engine(Protocol):
@@ -46,7 +32,10 @@ class Engine(Protocol):
 
     def stop_ids(self, chat: bool) -> set[int]: ...
 
-    def sample(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]: ...
+    def sample(self, prompt_ids: list[int], sampling: Sampling, max_tokens: int | None = None,
+               decoding: Decoding = AUTOREGRESSIVE) -> Iterator[int]:
+        """Token ids after the prompt; `max_tokens` sizes the last diffusion block (None:
+        until the caller stops). Only the torch backend decodes other than `ar`."""
 
 
 @dataclass
@@ -64,6 +53,7 @@ class Generation:
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
     chat: bool = False
+    decoding: Decoding = AUTOREGRESSIVE
     completion_tokens: int = 0
 
 
@@ -89,7 +79,9 @@ def generate(engine: Engine, request: Generation) -> Iterator[Piece]:
     sent = 0  # characters of the decoded text already yielded
     finish, stopped_by_string = "length", False
     if request.max_tokens > 0:
-        for token in engine.sample(request.prompt_ids, request.sampling):
+        tokens = engine.sample(request.prompt_ids, request.sampling, request.max_tokens,
+                               request.decoding)
+        for token in tokens:
             if token in stop_ids:
                 finish = "stop"
                 break

@@ -7,7 +7,12 @@ response formats) are refused with a 400 naming the field rather than silently d
 
 Types are strict: a boolean is `true` or `false` (not "yes" or 1), an integer is not `2.0`
 or `true`, and numbers are finite (Python's json reads `NaN` and `Infinity`).
-`null` for an optional field asks for its default, as OpenAI's schema allows. Text must be
+`null` for an optional field asks for its default, as OpenAI's schema allows.
+
+Beyond OpenAI's fields, `decoding` picks how a unified student (`wft unified`) decodes:
+"ar" (the default), "diffusion" or "speculative", tuned by `diffusion_block_size`,
+`diffusion_threshold` and `diffusion_steps_per_block` (defaults: the student's own). What
+the served model and backend allow is checked in decoding_options.py. Text must be
 valid Unicode: JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer encodes.
 """
 
@@ -73,6 +78,10 @@ class _Request(BaseModel):
     logit_bias: Annotated[Any, _EMPTY] = None
     logprobs: Annotated[Any, _EMPTY] = None
     top_logprobs: Annotated[Any, _EMPTY] = None
+    decoding: Literal["ar", "diffusion", "speculative"] = "ar"
+    diffusion_block_size: int | None = Field(None, ge=1)
+    diffusion_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    diffusion_steps_per_block: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

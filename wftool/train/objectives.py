@@ -205,7 +205,9 @@ class Distillation:
         ) as t_qkv:
             teacher_logits = self.teacher(**inputs).logits
         ce = causal_lm_loss(logits, batch["labels"])
-        kl = logits_kl_loss(logits, teacher_logits, spec.temperature, mask)
+        # A unified student's mask token lies past the teacher's vocabulary: never a target.
+        kl = logits_kl_loss(logits[..., : teacher_logits.shape[-1]], teacher_logits,
+                            spec.temperature, mask)
         loss = ce + spec.logits_weight * kl
         parts = {"ce": ce.detach(), "kl": kl.detach()}
         if use_relations:

@@ -115,7 +115,13 @@ def _load_student(path: Path):
 
 
 def _check_vocab(student, teacher) -> None:
-    if student.config.vocab_size != teacher.config.vocab_size:
+    """Same vocabulary; a unified student may hold one more token, its mask token, past
+    the teacher's (distillation then compares the teacher's tokens only)."""
+    student_vocab, teacher_vocab = student.config.vocab_size, teacher.config.vocab_size
+    mask_id = getattr(student.config, "mask_token_id", None)
+    if student_vocab == teacher_vocab + 1 and mask_id == teacher_vocab:
+        return
+    if student_vocab != teacher_vocab:
         raise WftError(
             f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
             f"({student.config.vocab_size}); logits distillation needs the same tokenizer"
