@@ -79,7 +79,8 @@ def smollm2(ternary: bool = False):
 
 
 def make_trainer(model, tok, objective, data: DataSpec, batch: int, meta=None, *,
-                 device: torch.device, dtype: str, extra_modules=()) -> Trainer:
+                 device: torch.device, dtype: str, extra_modules=(),
+                 optimizer: str = "adamw") -> Trainer:
     """A set-up `Trainer` on `device`, computing in `dtype` (fp32 masters either way);
     `extra_modules` (a teacher) go to the device with the model."""
     workdir = Path(tempfile.mkdtemp(prefix="wft-bench-"))
@@ -88,7 +89,7 @@ def make_trainer(model, tok, objective, data: DataSpec, batch: int, meta=None, *
     # precision is explicit: the default, auto, would be bf16 on a GPU even for --dtype float32
     spec = TrainingSpec(max_steps=10_000, micro_batch_size=batch, lr=1e-4, warmup_steps=0,
                         log_every=10_000, eval_every=10_000, save_every=10_000,
-                        precision=PRECISION[dtype])
+                        precision=PRECISION[dtype], optimizer=optimizer)
     run = StageRun(recipe=recipe, stage="bench", output_dir=workdir, model=model, tokenizer=tok,
                    objective=objective, training=spec, data=data, meta=meta,
                    extra_modules=list(extra_modules))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -97,11 +98,45 @@ def stream(url: str, body: dict) -> list[dict | str]:
     return events
 
 
-def completion_scope(payload: bytes) -> dict:
-    """The ASGI scope of a JSON POST to /v1/completions, for driving the app directly."""
+def completion_scope(payload: bytes, path: str = "/v1/completions",
+                     method: str = "POST") -> dict:
+    """The ASGI scope of a JSON request to `path`, for driving the app directly."""
     return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-            "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+            "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"",
             "root_path": "", "headers": [(b"content-type", b"application/json"),
                                          (b"content-length", str(len(payload)).encode())],
             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+
+
+def call_app(app, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    """One request through the ASGI app in this process, a JSON POST (a GET without
+    `body`): its status and whole body."""
+    payload = b"" if body is None else json.dumps(body).encode()
+    sent, received = [], {"status": None, "body": []}
+
+    async def receive():
+        if not sent:
+            sent.append(True)
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await asyncio.sleep(3600)  # the client stays until the answer is complete
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            received["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            received["body"].append(message.get("body", b""))
+
+    scope = completion_scope(payload, path, "GET" if body is None else "POST")
+    asyncio.run(app(scope, receive, send))
+    return received["status"], b"".join(received["body"])
+
+
+def events_of(raw: bytes) -> list[dict | str]:
+    """The server-sent events of a streamed answer: parsed JSON, then the final "[DONE]"."""
+    events = []
+    for line in raw.decode().splitlines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events

@@ -60,7 +60,7 @@ class _BrokenEngine:
     def stop_ids(self, chat):
         return set()
 
-    def sample(self, prompt_ids, sampling):
+    def sample(self, prompt_ids, sampling, max_tokens=None, decoding=None):
         yield 5
         raise RuntimeError(SECRET)
 

@@ -19,7 +19,9 @@ COMPLETION = {"prompt": PROMPT, "max_tokens": 2}
 CHAT = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2}
 SHARED_FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
                  "seed", "stream", "stream_options", "n", "frequency_penalty",
-                 "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user"]
+                 "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
+                 "decoding", "diffusion_block_size", "diffusion_threshold",
+                 "diffusion_steps_per_block"]
 FIELDS = {
     "/v1/completions": ["prompt", "echo", "best_of", "suffix", *SHARED_FIELDS],
     "/v1/chat/completions": ["messages", "tools", "functions", "tool_choice",
@@ -37,10 +39,13 @@ EDGE_INTEGERS = [0, 1, 2, -1, 2**63 - 1, -(2**63), 2**63, 10**40]
 EDGE_TEXT = ["", "\ud800", "a\udfffb", "\udc00\ud800", "kiza\x00pa", "<|im_end|>", "é ∂ 🙂",
              "x" * 3000, '\\"\n', "kiza pa"]
 EDGES = {
-    **dict.fromkeys(["temperature", "top_p", "frequency_penalty", "presence_penalty"],
-                    EDGE_NUMBERS),
+    **dict.fromkeys(["temperature", "top_p", "frequency_penalty", "presence_penalty",
+                     "diffusion_threshold"], EDGE_NUMBERS),
     **dict.fromkeys(["max_tokens", "max_completion_tokens", "seed", "n", "best_of",
-                     "top_logprobs"], EDGE_INTEGERS),
+                     "top_logprobs", "diffusion_block_size", "diffusion_steps_per_block"],
+                    EDGE_INTEGERS),
+    # The served student is not unified: the diffusion modes are refused, "ar" is served.
+    "decoding": ["ar", "diffusion", "speculative", "AR", ""],
     **dict.fromkeys(["prompt", "model", "stop", "user", "suffix", "content", "text", "role"],
                     EDGE_TEXT),
 }

@@ -141,6 +141,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _print_decodings(engine, console: Console) -> None:
+    """Say when a unified student can also decode by diffusion, or why it cannot."""
+    diffusion = getattr(engine, "diffusion", None)
+    if diffusion is None:
+        return
+    problem = getattr(engine, "diffusion_problem", None)
+    if problem:
+        console.print(f"[yellow]warning:[/] a unified student, but diffusion decoding cannot "
+                      f"run on it: {problem}", highlight=False)
+        return
+    console.print(f'decoding: "ar" (default), "diffusion", "speculative" (request field '
+                  f'"decoding"; block size {diffusion.block_size}, {diffusion.attention})',
+                  highlight=False, soft_wrap=True)
+
+
 def run_serve(source: str, overrides: list[str], options: ServeOptions, console: Console) -> None:
     try:
         import uvicorn
@@ -161,6 +176,7 @@ def run_serve(source: str, overrides: list[str], options: ServeOptions, console:
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     console.print(f"[green]serving[/] {target.model_id} ({settings.backend}, "
                   f"{target.path}) on {url}/v1", highlight=False, soft_wrap=True)
+    _print_decodings(engine, console)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         console.print("[yellow]warning:[/] listening beyond this machine; the API has no "
                       "authentication", highlight=False)

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from wftool.serve.decoding_options import available_decodings, request_decoding
 from wftool.serve.errors import (INTERNAL_ERROR, ApiError, LastResort, log, unreadable_json,
                                  validation_error)
 from wftool.serve.generation import Engine, Generation, Sampling, generate
@@ -120,6 +121,7 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
     engine_lock = threading.Lock()
     model_card = {"id": model_id, "object": "model", "created": int(time.time()),
                   "owned_by": "wft"}
+    decodings = available_decodings(engine, backend)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, err: ApiError):
@@ -139,7 +141,7 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_id, "backend": backend,
-                "requests_in_flight": admission.active}
+                "decoding": decodings, "requests_in_flight": admission.active}
 
     @app.get("/v1/models")
     def list_models():
@@ -157,6 +159,7 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
 
     def _prepare(body, prompt: str, chat: bool, default_tokens: int) -> Generation:
         field = "messages" if chat else "prompt"
+        decoding = request_decoding(body, engine, backend)
         ids = engine.encode(prompt, chat)
         if not ids:
             raise ApiError(400, f"{field}: empty prompt", param=field)
@@ -177,7 +180,7 @@ def create_app(engine: Engine, model_id: str, backend: str, limits: Limits) -> F
                            f"{limits.max_tokens}", param=name)
         max_tokens = min(default_tokens if wanted is None else wanted, room)
         sampling = Sampling(body.temperature, body.top_p, body.seed)
-        return Generation(ids, max_tokens, sampling, body.stops, chat)
+        return Generation(ids, max_tokens, sampling, body.stops, chat, decoding)
 
     def _pieces(generation: Generation) -> Iterator:
         with engine_lock:

@@ -5,10 +5,10 @@ S_h = max (q . k) * scaling over the (query, key) pairs its mask allows is track
 and k exactly as the attention function receives them (after RoPE and any QK-norm, K at KV
 width). After the optimizer update, a head with S_h > tau gets its q_proj rows (and bias)
 multiplied by sqrt(tau / S_h) and each KV head g its k_proj rows by sqrt(tau / M_g), M_g the
-largest S_h among the query heads that read it (with MHA, M_g = S_h). The step's largest
-logit then becomes at most tau: tau * sqrt(S_h / M_g) <= tau. Heads under tau keep their q
-rows bit-identical; under GQA a head that shares its KV head with a clipped head sees its
-logits shrink by sqrt(tau / M_g) too, since K is shared.
+largest S_h among the query heads that read it (with MHA, M_g = S_h). On the step's layer
+inputs every head's largest logit then is at most tau: tau * sqrt(S_h / M_g) <= tau. Heads
+under tau keep their q rows bit-identical; under GQA a head that shares its KV head with a
+clipped head sees its logits shrink by sqrt(tau / M_g) too, since K is shared.
 
 Tracking wraps the attention function the layers already call (see wftool/train/capture.py
 for why `config._attn_implementation` is left alone): the "sdpa" entry of transformers'
@@ -18,7 +18,7 @@ teacher) runs straight through, and the wrapped function is called with the very
 arguments, so outputs are unchanged. The wrapper is installed in `before_step` and removed
 in `after_step`; evaluation between steps does not pay for it. The maxima are computed under
 no_grad in fp32 (autocast off), chunked over queries: one extra Q K^T product per layer and
-micro-batch, in fp32, which costs about as much as the attention's own score matmul.
+micro-batch, in fp32, so on GPUs slower than the attention's own bf16 kernel.
 
 Masks: a boolean 4D mask (True = attend), an additive float mask (pairs at the dtype's
 minimum or -inf are excluded; the additive values themselves are not counted), or no mask,
@@ -37,12 +37,15 @@ the dot product are linear). The bound is exact, but per layer, not per head: he
 in a clipped layer shrink by the same factor. The projections are left alone.
 
 Ternary students (BitLinear): the latent weights, which the optimizer updates and the
-quantizer reads, are rescaled. Ternary weights share one absmean scale per matrix, so
-shrinking some rows does not shrink their ternary output proportionally: more of their
-entries round to 0 and the matrix scale drops a little, which also moves the other heads'
-ternary rows (their latent rows stay bit-identical). The clipped heads' logits drop, but not
-to tau in one step (tests/train/test_qk_clip.py measures it); further steps keep pulling them
-down while they exceed tau. With full-precision weights the bound is exact.
+quantizer reads, are rescaled. Ternary weights share one absmean scale per matrix, so the
+ternary logits do not follow the factors. Measured (tests/train/test_qk_clip.py) on 1024-wide
+random q/k matrices, 4 of 16 heads' rows times 0.7 (a full-precision logit factor of 0.49):
+those heads' ternary max logits fall only to about 0.7-0.85 of before, depending on the draw
+(more of their entries round to 0, but the survivors keep the matrix scale), scattered
+widely between heads, and the heads left alone fall to about 0.87-0.89 (the shared scale
+fell; their latent rows stay bit-identical). So on a ternary student one clip brings a head
+towards tau, not surely under it, and moves its neighbours; each later step clips again
+while a head still exceeds tau. With full-precision weights the bound is exact.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def head_maxima(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | Non
 @functools.cache
 def _tracking(attention: Callable, mask_none_is_causal: bool) -> Callable:
     """`attention`, which first folds the call's per-head maxima into the row of a module
-    that carries one. One wrapper per function, so a compiled model sees the same one."""
+    that carries one (other modules pass straight through). One wrapper per function, so a
+    compiled model sees the same one on every step."""
 
     def tracking_attention(module, query, key, value, attention_mask, *args, **kwargs):
         row = getattr(module, _ROW, None)
@@ -252,7 +256,8 @@ class QKClip:
         if dist.is_initialized():
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)  # every rank clips alike
         clipped = maxima > self.tau
-        # Factors of exactly 1 leave the heads under tau bit-identical; no host sync here.
+        # Every row is multiplied, heads under tau by exactly 1 (bit-identical): deciding on
+        # the host which heads to touch would stall the device every step.
         for attention, layer_maxima, layer_clipped in zip(self._attentions(), maxima, clipped):
             if self.qk_norm:
                 self._clip_norms(attention, layer_maxima.max())
@@ -281,13 +286,14 @@ class QKClip:
         _scale_vector(attention.q_norm.weight, factor)
         _scale_vector(attention.k_norm.weight, factor)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, torch.Tensor]:
         """The latest step's largest logit (before the clip) and number of clipped
-        (layer, head) pairs; empty before the first step."""
+        (layer, head) pairs, as device tensors the trainer copies to the host with the
+        losses on logging steps; empty before the first step."""
         if self._last_max is None:
             return {}
-        largest, clipped = torch.stack([self._last_max, self._last_clipped.float()]).tolist()
-        return {"qk_max_logit": largest, "qk_clipped_heads": clipped}
+        return {"qk_max_logit": self._last_max.detach().clone(),
+                "qk_clipped_heads": self._last_clipped.float()}
 
     @property
     def clipped_total(self) -> int:
