@@ -32,6 +32,10 @@ def test_the_mask_token_is_a_new_id_at_the_mean_embedding():
     assert tokenizer(MASK_TOKEN, add_special_tokens=False)["input_ids"] == [mask_id]
     assert add_mask_token(model, tokenizer) == mask_id  # idempotent
     assert model.get_input_embeddings().weight.shape[0] == 301
+    other = tiny_llama(vocab_size=300)  # a tokenizer that has it, a model that does not
+    assert add_mask_token(other, tokenizer) == mask_id
+    assert torch.allclose(other.get_input_embeddings().weight[mask_id],
+                          other.get_input_embeddings().weight[:300].mean(0), atol=1e-6)
 
 
 def test_a_padded_vocabulary_gives_the_mask_an_unused_row_and_untied_heads_a_mean_row():

@@ -161,3 +161,14 @@ def test_a_saved_unified_student_serves_diffusion(tmp_path, tokenizer):
     status, body = _post(app, {"prompt": PROMPT, "max_tokens": 7, "decoding": "diffusion",
                                "seed": 3})
     assert status == 200 and body["choices"][0]["text"], body
+
+
+def test_the_serve_banner_names_the_decodings(unified_engine):
+    from rich.console import Console
+
+    from wftool.commands.serve import _print_decodings
+
+    console = Console(record=True, width=200)
+    _print_decodings(unified_engine, console)
+    assert '"diffusion", "speculative" (request field "decoding"; block size 4' in \
+        console.export_text()

@@ -73,23 +73,22 @@ def require_diffusion(model, what: str) -> DiffusionSettings:
 
 @torch.no_grad()
 def add_mask_token(model, tokenizer) -> int:
-    """The id of the tokenizer's mask token, adding `<|mask|>` (and an embedding row set to
-    the mean embedding, in the input and, if untied, the output embeddings) when it has none.
-    Idempotent: a student that already has one keeps it."""
-    existing = _existing_mask_id(tokenizer)
-    if existing is not None:
-        if existing >= model.get_input_embeddings().weight.shape[0]:
-            raise WftError(f"the tokenizer's mask token {tokenizer.mask_token!r} has id "
-                           f"{existing}, past the model's embeddings")
-        model.config.mask_token_id = existing
-        return existing
+    """The id of the tokenizer's mask token, adding `<|mask|>` when it has none, and an
+    embedding row for it when the model has none (set to the mean embedding, in the input
+    and, if untied, the output embeddings). Idempotent: a student that already has one
+    keeps it."""
     words = len(tokenizer)
-    tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
-    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    mask_id = _existing_mask_id(tokenizer)
+    if mask_id is None:
+        tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+        mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    elif mask_id < model.get_input_embeddings().weight.shape[0]:
+        model.config.mask_token_id = mask_id  # its own row, trained or set before
+        return mask_id
     embeddings = model.get_input_embeddings()
     rows = embeddings.weight.shape[0]
     # Real tokens only: rows past the tokenizer (padding of the vocabulary) are untrained.
-    used = min(words, rows)
+    used = min(words, rows, mask_id)
     input_mean = embeddings.weight[:used].float().mean(0)
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embeddings.weight
