@@ -348,10 +348,14 @@ def evaluate(
         min=1, help="lm-eval: at most this many examples per task.")] = None,
     threads: Annotated[int, typer.Option(min=1, help="llama.cpp threads for GGUF files.")] = 1,
     device: Annotated[str, typer.Option(help="PyTorch device: auto, cpu, cuda, ...")] = "auto",
+    decode_tokens: Annotated[int, typer.Option(
+        min=0, help="Students of `wft unified`: tokens each decoding mode (ar, diffusion, "
+        "speculative) makes per prompt for its tokens/s (0: skip the decoding table).")] = 32,
     output: Annotated[Optional[Path], typer.Option(help="Also write the numbers as JSON.")] = None,
 ):
     """Loss, perplexity and task accuracy of teachers, ternary students (their quantized
-    forward) and GGUF exports (through llama.cpp), on the same held-out tokens."""
+    forward) and GGUF exports (through llama.cpp), on the same held-out tokens; for students
+    of `wft unified` also their diffusion loss and each decoding mode's speed and accuracy."""
     from wftool.commands.evaluate import (
         EvalOptions,
         check_output,
@@ -365,7 +369,7 @@ def evaluate(
     tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
     options = EvalOptions(text=text, task=task, batches=batches, batch_size=batch_size,
                           seq_len=seq_len, lm_eval=tasks, limit=limit, threads=threads,
-                          device=device)
+                          device=device, decode_tokens=decode_tokens)
     report = run_eval(sources, options, console)
     print_eval_table(report, console)
     if output:

@@ -69,6 +69,7 @@ class EvalOptions:
     limit: int | None = None
     threads: int = 1
     device: str = "auto"
+    decode_tokens: int = 32  # unified students: tokens each decoding mode makes (0: skip)
 
 
 @dataclass
@@ -247,6 +248,8 @@ def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], tasks, options:
                 row["task_accuracy"] = numbers.get("eval_accuracy")
                 row["task_examples"] = judged_examples(batches)
                 row.update(majority_floor(batches))  # "examples", "majority_accuracy"
+        if target.backend == "torch":
+            _diffusion_numbers(model, row, scored, options, device or "cpu")
         if tasks is not None:
             from wftool.eval.harness import run_lm_eval
 
@@ -259,6 +262,28 @@ def _evaluate_opened(target: EvalTarget, sets: list[HeldOutSet], tasks, options:
         if target.backend == "llama.cpp":
             model.close()
     return row, scored
+
+
+def _diffusion_numbers(model, row: dict, scored: dict, options: EvalOptions, device) -> None:
+    """A unified student's diffusion mode: held-out diffusion loss and masked-token accuracy
+    per set, and each decoding mode's speed and task accuracy."""
+    from wftool.model.mask_token import diffusion_settings
+
+    settings = diffusion_settings(model)
+    if settings is None:
+        return
+    from wftool.eval.diffusion import diffusion_scores
+
+    for kind, held in scored.items():
+        scores = diffusion_scores(model, held.batches, settings, device)
+        row.update({f"{kind}_{key}": value for key, value in scores.items()})
+    if options.decode_tokens:
+        from wftool.eval.decoding_modes import decoding_report
+
+        empty = SetBatches([], 0, False)
+        row["decoding"] = decoding_report(model, scored.get("text", empty).batches,
+                                          scored.get("task", empty).batches,
+                                          new_tokens=options.decode_tokens)
 
 
 def _lm_eval_max_length(model) -> int:
@@ -347,6 +372,10 @@ def print_eval_table(report: EvalReport, console: Console) -> None:
                           f"in {s['batches']} batches (seq_len {s['seq_len']})", highlight=False)
         for note in accuracy_notes(report.models):
             console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if any(row.get("decoding") for row in report.models):
+        console.print(decoding_table(report.models))
+        for note in decoding_notes(report.models):
+            console.print(note, highlight=False)
     metrics = list(dict.fromkeys(k for row in report.models for k in row.get("lm_eval", {})
                                  if not k.endswith(":n")))
     if metrics:
@@ -393,3 +422,41 @@ def eval_cell(key: str, row: dict) -> str:
     if "loss" in key or ":" in key:
         return f"{value:.4f}"
     return f"{value:.3f}"
+
+
+def decoding_table(models: list[dict]) -> Table:
+    """One row per unified student and decoding mode (greedy): the mode's held-out text loss
+    (ar: next-token; diffusion: the masked-diffusion estimator on the same text), task
+    accuracy (answers decoded in that mode) and speed."""
+    table = Table(title="wft eval (decoding modes, greedy)", title_justify="left")
+    table.add_column("model", overflow="fold", min_width=MODEL_MIN_WIDTH)
+    for title in ("mode", "loss", "acc %", "tok/s", "tok/fwd"):
+        table.add_column(title, justify="left" if title == "mode" else "right", no_wrap=True)
+    for row in models:
+        loss = {"ar": row.get("text_loss"), "diffusion": row.get("text_dlm_loss")}
+        for mode, numbers in row.get("decoding", {}).items():
+            accuracy = numbers.get("task_accuracy")
+            table.add_row(row["model"], mode,
+                          "= ar" if mode == "speculative" else eval_cell(mode, loss),
+                          "-" if accuracy is None else f"{100 * accuracy:.1f}",
+                          f"{numbers['tokens_per_second']:,.1f}",
+                          f"{numbers['tokens_per_forward']:.2f}")
+    return table
+
+
+def decoding_notes(models: list[dict]) -> list[str]:
+    """Under the decoding table: what was decoded, and whether greedy self-speculative
+    decoding gave exactly the autoregressive output."""
+    notes = []
+    for row in models:
+        modes = row.get("decoding")
+        if not modes:
+            continue
+        speculative, ar = modes["speculative"], modes["ar"]
+        same = ("the same tokens as ar" if speculative["equals_ar"]
+                else "[red]other tokens than ar[/] (a bug: please report it)")
+        examples = f"; task acc: {ar['task_examples']} examples decoded" \
+            if "task_examples" in ar else ""
+        notes.append(f"{row['model']}: speculative gave {same}, "
+                     f"{100 * speculative['acceptance']:.0f} % of drafts accepted{examples}")
+    return notes
