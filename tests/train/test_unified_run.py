@@ -7,7 +7,9 @@ from typer.testing import CliRunner
 
 from tests.train.conftest import save_small_model, small_recipe
 from wftool.cli import app
+from wftool.decoding import Decoding, decode
 from wftool.model.checkpoint import read_metadata
+from wftool.serve.engine_torch import TorchEngine
 from wftool.train.metrics import read_metrics
 
 UNIFIED = {"training": {"max_steps": 24, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 2,
@@ -46,6 +48,12 @@ def test_a_unified_run_lowers_both_losses_and_resumes_with_its_mask_token(tmp_pa
                               "block_size": 8}
     evaluated = json.loads((final / "eval.json").read_text())
     assert evaluated["eval_dlm"] > 0 and 0 <= evaluated["eval_dlm_accuracy"] <= 1
+    # The checkpoint decodes both ways, as `wft serve --backend torch` loads it.
+    engine = TorchEngine.load(final)
+    prompt = engine.encode("kiza pa povo", chat=False)
+    for mode in ("ar", "diffusion", "speculative"):
+        tokens = list(decode(engine.model, prompt, 12, Decoding(mode)))
+        assert len(tokens) == 12 and 512 not in tokens, mode
 
 
 def test_the_pipeline_runs_unified_in_place_of_pretrain(tmp_path):

@@ -22,11 +22,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from wftool.decoding.kv_cache import CachedSequence, lookahead_problem
+from wftool.decoding.kv_cache import CachedSequence, checked_block_size
 from wftool.decoding.sampling import (GREEDY, Sampling, choose_tokens, seeded_generator,
                                       without_token)
 from wftool.decoding.stats import DecodeStats, emit_tokens
-from wftool.errors import WftError
 from wftool.model.mask_token import DiffusionSettings
 
 
@@ -43,14 +42,9 @@ def diffusion_generate(model, prompt_ids: list[int], settings: DiffusionSettings
     unmask enough per forward to finish a block in that many. Greedy unless `sampling`
     says otherwise; the mask token is never produced.
     """
-    block_size = settings.block_size if block_size is None else block_size
-    if block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    block_size = checked_block_size(model, settings, block_size, "diffusion")
     if steps_per_block is not None and steps_per_block < 1:
         raise ValueError(f"steps_per_block must be at least 1, got {steps_per_block}")
-    problem = lookahead_problem(model, settings.attention)
-    if problem:
-        raise WftError(f"diffusion decoding cannot run on this model: {problem}")
     stats = stats if stats is not None else DecodeStats()
     blocks = _denoised_blocks(model, list(prompt_ids), settings, max_new_tokens, block_size,
                               threshold, steps_per_block, sampling, stats)

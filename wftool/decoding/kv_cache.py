@@ -62,6 +62,20 @@ def lookahead_problem(model, attention: str) -> str | None:
     return None
 
 
+def checked_block_size(model, settings, block_size: int | None, mode: str) -> int:
+    """The block size a look-ahead decoder uses (default: the student's), after checking it
+    and that `model` can look ahead at all (a clear error naming `mode` if not)."""
+    from wftool.errors import WftError
+
+    block_size = settings.block_size if block_size is None else block_size
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    problem = lookahead_problem(model, settings.attention)
+    if problem:
+        raise WftError(f"{mode} decoding cannot run on this model: {problem}")
+    return block_size
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 

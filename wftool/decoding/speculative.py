@@ -19,11 +19,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from wftool.decoding.kv_cache import CachedSequence, lookahead_problem
+from wftool.decoding.kv_cache import CachedSequence, checked_block_size
 from wftool.decoding.sampling import (GREEDY, Sampling, sample_token, seeded_generator,
                                       token_distribution, without_token)
 from wftool.decoding.stats import DecodeStats, emit_tokens
-from wftool.errors import WftError
 from wftool.model.mask_token import DiffusionSettings
 
 
@@ -35,12 +34,7 @@ def speculative_generate(model, prompt_ids: list[int], settings: DiffusionSettin
     `block_size - 1` at a time (default: the student's block size) and verified; up to and
     including the first of `stop_ids`, at most `max_new_tokens`. The mask token is never
     produced. Block size 1 is plain autoregressive decoding (no drafts)."""
-    block_size = settings.block_size if block_size is None else block_size
-    if block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
-    problem = lookahead_problem(model, settings.attention)
-    if problem:
-        raise WftError(f"speculative decoding cannot run on this model: {problem}")
+    block_size = checked_block_size(model, settings, block_size, "speculative")
     stats = stats if stats is not None else DecodeStats()
     rounds = _verified_rounds(model, list(prompt_ids), settings, max_new_tokens, block_size,
                               sampling, stats)

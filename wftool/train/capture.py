@@ -55,14 +55,12 @@ def _is_capturing(attention: Callable) -> bool:
 
 
 @contextmanager
-def _interface_entry_wrapped(interface, name: str) -> Iterator[None]:
-    # Item assignment writes the interface's local mapping and leaves the class-wide
-    # registry alone; deleting it again restores whatever was there before.
+def replaced_entry(interface, name: str, replacement: Callable) -> Iterator[None]:
+    """`interface[name]` is `replacement` inside the block (an attention function wrapped
+    for a while). Item assignment writes the interface's local mapping and leaves the
+    class-wide registry alone; deleting it again restores whatever was there before."""
     previous = interface[name]
-    if _is_capturing(previous):  # another capture already wraps it; that one unwraps
-        yield
-        return
-    interface[name] = _capturing(previous)
+    interface[name] = replacement
     try:
         yield
     finally:
@@ -72,6 +70,16 @@ def _interface_entry_wrapped(interface, name: str) -> Iterator[None]:
             pass
         if interface.get(name) is not previous:
             interface[name] = previous
+
+
+@contextmanager
+def _interface_entry_wrapped(interface, name: str) -> Iterator[None]:
+    previous = interface[name]
+    if _is_capturing(previous):  # another capture already wraps it; that one unwraps
+        yield
+        return
+    with replaced_entry(interface, name, _capturing(previous)):
+        yield
 
 
 @contextmanager

@@ -60,6 +60,7 @@ import torch.distributed as dist
 from torch import nn
 
 from wftool.model.families import Family, head_dim
+from wftool.train.capture import replaced_entry
 from wftool.train.muon import local_rows, scale_rows
 
 _ROW = "_wft_qk_max_row"  # a tracked attention module's row of the step's [layer, head] maxima
@@ -133,19 +134,8 @@ def _tracking(attention: Callable, mask_none_is_causal: bool) -> Callable:
 
 @contextmanager
 def _interface_entry_tracked(interface, name: str) -> Iterator[None]:
-    # Item assignment writes the interface's local mapping, not the class-wide registry;
-    # deleting it again restores whatever was there (capture.py nests the same way).
-    previous = interface[name]
-    interface[name] = _tracking(previous, mask_none_is_causal=True)
-    try:
+    with replaced_entry(interface, name, _tracking(interface[name], mask_none_is_causal=True)):
         yield
-    finally:
-        try:
-            del interface[name]
-        except KeyError:
-            pass
-        if interface.get(name) is not previous:
-            interface[name] = previous
 
 
 @contextmanager
