@@ -189,6 +189,9 @@ def test_split_and_complementary_rows():
     assert torch.allclose(noise["t"][:2] + noise["t"][2:], torch.ones(2))
     objective(recording, batch, 1.0)
     assert seen["input_ids"].shape[0] == 6  # 2 next-token rows + 2 x 2 denoising rows
+    # What batch sizing on a GPU assumes (wftool.train.gpu_profiles).
+    assert objective.forward_rows_per_row == 6 / 4
+    assert _objective(mask_mode="split").forward_rows_per_row == 1.0
 
 
 def test_denoising_rows_of_one_document_ignore_the_others():

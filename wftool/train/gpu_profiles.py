@@ -135,6 +135,8 @@ def plan_for_run(spec, run, device: torch.device, world_size: int,
         fixed = fixed_gb(size, world_size, settings.strategy == "fsdp2",
                          teacher and settings.teacher == "shard")
         per_row = row_gb(size, run.data.seq_len, spec.activation_checkpointing, teacher)
+        # An objective may run more rows than it reads (unified's complementary masks).
+        per_row *= getattr(run.objective, "forward_rows_per_row", 1.0)
         most = max_micro_batch(memory, fixed, per_row, key)
         basis = f"{profile or f'{memory:.0f} GB GPU'} profile: up to {most} rows fit"
         if "micro_batch_size" in spec.model_fields_set:

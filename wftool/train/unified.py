@@ -97,6 +97,12 @@ class UnifiedObjective:
         self.hooks = (self.clock, *hooks)
         self.student = student  # scored by `held_out` (the trainer's evaluation)
 
+    @property
+    def forward_rows_per_row(self) -> float:
+        """Rows the forward runs per batch row (for sizing micro-batches): complementary
+        masks run each denoising row twice."""
+        return 1.0 + self.spec.dlm_share if self.spec.mask_mode == "complementary" else 1.0
+
     def settings(self) -> DiffusionSettings:
         """What decoding needs to know, saved with the model."""
         attention = {"anneal": "bidirectional"}.get(self.spec.attention, self.spec.attention)
