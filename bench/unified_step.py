@@ -1,7 +1,9 @@
 """`wft unified` costs, side by side in one process on the same ternary student and batch:
 
-1. step time of the unified objective / the pretrain objective (split batches: target
-   <= 1.05; complementary masks use 1.5x the rows), with AdamW and with MuonClip;
+1. step time of the unified objective / the pretrain objective: split batches with one
+   copy per row (target <= 1.05; complementary masks use 1.5x the rows), and block
+   diffusion's [clean | noisy] rows (twice the tokens: every row trains both objectives),
+   with AdamW and with MuonClip;
 2. the optimizer step's share of a training step, Muon vs AdamW (QK-clip included);
 3. decode tokens/s of the three decoding modes of a student: autoregressive, block
    diffusion, and self-speculative (diffusion drafts, AR verifies).
@@ -30,9 +32,10 @@ from wftool.train.qk_clip import QKClip
 from wftool.train.unified import UnifiedObjective
 
 
-def unified(model, tok, mask_mode: str, clip: bool) -> UnifiedObjective:
+def unified(model, tok, mask_mode: str, clip: bool,
+            attention: str = "bidirectional") -> UnifiedObjective:
     spec = UnifiedStage(curriculum=[{"until": 1.0, "dlm_weight": 1.0}], mask_mode=mask_mode,
-                        qk_clip_tau=100.0 if clip else None)
+                        attention=attention, qk_clip_tau=100.0 if clip else None)
     hooks = (QKClip(model, FAMILIES["llama"], 100.0),) if clip else ()
     return UnifiedObjective(spec, model.config.mask_token_id, 10_000, student=model,
                             hooks=hooks)
@@ -99,6 +102,7 @@ def main() -> None:
         "unified split (AdamW)": trainer(lambda m: unified(m, tok, "split", False)),
         "unified complementary (AdamW)": trainer(lambda m: unified(m, tok, "complementary",
                                                                    False)),
+        "unified block (AdamW)": trainer(lambda m: unified(m, tok, "split", False, "block")),
         "pretrain (Muon)": trainer(lambda m: LanguageModeling(), "muon"),
         "unified split (MuonClip)": trainer(lambda m: unified(m, tok, "split", True), "muon"),
     }
@@ -114,6 +118,8 @@ def main() -> None:
     print(f"unified split / pretrain step time = {split:.3f} (target <= 1.05)")
     print(f"unified complementary / pretrain = "
           f"{seconds['unified complementary (AdamW)'] / seconds['pretrain (AdamW)']:.3f}")
+    print(f"unified block [clean | noisy] / pretrain = "
+          f"{seconds['unified block (AdamW)'] / seconds['pretrain (AdamW)']:.3f} (2x the tokens)")
     print(f"unified split MuonClip / pretrain Muon = "
           f"{seconds['unified split (MuonClip)'] / seconds['pretrain (Muon)']:.3f}")
     for name in ("unified split (AdamW)", "unified split (MuonClip)"):

@@ -1,6 +1,8 @@
 """Q-Sparse from the recipe: the warm-up ramp, the sparsity a student is saved and served
 with, and GGUF export, which runs dense."""
 
+import pytest
+
 from wftool.commands.convert import run_convert
 from wftool.commands.export import run_export
 from wftool.model.checkpoint import load_model_dir, read_metadata
@@ -17,9 +19,10 @@ from tests.conftest import require_llamacpp, tiny_llama_student
 def test_the_warmup_ramps_in_levels_to_the_target():
     hook = QSparseWarmup(tiny_llama_student("paper"), 0.6, steps=10)
     values = [hook.sparsity_at(step) for step in range(12)]
-    assert values[0] > 0 and values[9] == values[11] == 0.6
+    assert values[0] == 0.0 and values[9] == values[11] == 0.6
+    assert values[2] == pytest.approx(0.6 * 0.25)  # 3 of 10 steps done: the first level
     assert values == sorted(values)
-    assert len(set(values)) <= QSparseWarmup.LEVELS
+    assert len(set(values)) <= QSparseWarmup.LEVELS + 1
     assert QSparseWarmup(tiny_llama_student("paper"), 0.6, steps=0).sparsity_at(0) == 0.6
 
 

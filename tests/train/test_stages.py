@@ -273,3 +273,20 @@ def test_layerwise_reports_its_own_objective_on_held_out_data(recipe_file, tmp_p
             weight += n
     assert got["eval_hidden"] == pytest.approx(total / weight, rel=1e-4)
     assert got["eval_hidden"] == pytest.approx(evals[-1]["eval_hidden"], rel=1e-3)
+
+
+def test_a_stage_starts_from_the_most_recently_finished_candidate(recipe_file):
+    """An older run of another stage it may follow (pretrain before unified) is not taken
+    over the output just made (layerwise)."""
+    recipe = load_recipe(recipe_file)
+    for stage, age in (("pretrain", 3600), ("layerwise", 0)):
+        final = _stage_dir(recipe, stage) / "final"
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+        stamp = time.time() - age
+        os.utime(final / "config.json", (stamp, stamp))
+    assert find_init(recipe, "unified") == _stage_dir(recipe, "layerwise") / "final"
+    unified = _stage_dir(recipe, "unified") / "final"
+    unified.mkdir(parents=True)
+    (unified / "config.json").write_text("{}")
+    assert find_init(recipe, "distill") == unified

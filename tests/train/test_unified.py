@@ -10,13 +10,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from wftool.recipe.schema import CurriculumPhase, UnifiedStage
 from wftool.train.diffusion_masks import (
+    block_context_mask,
     document_ids,
     maskable_positions,
     sample_noise,
     training_attention_mask,
 )
+from wftool.train.objectives import causal_lm_loss
 from wftool.train.unified import (
     UnifiedObjective,
+    block_predictions,
     anneal_lookahead,
     masked_diffusion_loss,
     phase_at,
@@ -176,12 +179,12 @@ def test_split_and_complementary_rows():
         seen.update(inputs)
         return model(**inputs)
 
-    loss, parts = _objective(mask_mode="split")(recording, batch, 1.0)
+    loss, parts = _objective(mask_mode="split", attention="bidirectional")(recording, batch, 1.0)
     assert set(parts) == {"ar", "dlm"} and seen["input_ids"].shape[0] == 4
     noisy = seen["input_ids"][2:]
     assert (noisy == MASK).any() and torch.equal(noisy[noisy != MASK],
                                                  batch["input_ids"][2:][noisy != MASK])
-    objective = _objective(mask_mode="complementary")
+    objective = _objective(mask_mode="complementary", attention="bidirectional")
     noise = objective._denoising_rows(batch, slice(2, 4), objective.spec.curriculum[-1], 9)
     first, second = noise["masked"][:2], noise["masked"][2:]
     eligible = maskable_positions(batch["labels"][2:], batch["position_ids"][2:], True)
@@ -191,7 +194,9 @@ def test_split_and_complementary_rows():
     assert seen["input_ids"].shape[0] == 6  # 2 next-token rows + 2 x 2 denoising rows
     # What batch sizing on a GPU assumes (wftool.train.gpu_profiles).
     assert objective.forward_rows_per_row == 6 / 4
-    assert _objective(mask_mode="split").forward_rows_per_row == 1.0
+    assert _objective(mask_mode="split", attention="anneal",
+                      anneal_steps=5).forward_rows_per_row == 1.0
+    assert _objective(attention="block").forward_rows_per_row == 4.0  # [clean | noisy]
 
 
 def test_denoising_rows_of_one_document_ignore_the_others():
@@ -218,3 +223,65 @@ def test_unified_loss_is_finite_under_bf16_autocast():
     loss.backward()
     assert math.isfinite(loss.item()) and "dlm" in parts
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_block_rows_are_clean_causal_then_noisy_blocks_that_see_earlier_clean_blocks():
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]])  # documents of 5 and 3 tokens
+    mask = block_context_mask(positions, 1, 2)[0, 0]
+    clean, noisy_to_clean, noisy = mask[:8, :8], mask[8:, :8], mask[8:, 8:]
+    assert torch.equal(clean, training_attention_mask(positions, "causal")[0, 0])
+    assert not mask[:8, 8:].any()  # the clean part never sees a noisy token
+    # Position 3 (block 1 of document 1) sees clean block 0 of its document, nothing else.
+    assert noisy_to_clean[3].tolist() == [True, True, False, False, False, False, False, False]
+    assert noisy[3].tolist() == [False, False, True, True, False, False, False, False]
+    assert noisy_to_clean[6].tolist() == [False] * 8  # block 0 of document 2
+    assert noisy[7].tolist() == [False] * 5 + [False, False, True]  # its own block: 2
+
+
+def test_block_training_sees_what_cached_block_decoding_sees():
+    """The noisy block's logits in the [clean | noisy] row equal those of decoding: the
+    earlier blocks prefilled causally into the KV cache, the block run against it."""
+    from wftool.decoding.kv_cache import CachedSequence
+
+    model = _tiny_model().eval()
+    torch.manual_seed(5)
+    ids = torch.randint(0, MASK, (1, 12))
+    positions = torch.arange(12)[None]
+    masked = torch.zeros(1, 12, dtype=torch.bool)
+    masked[0, [8, 10, 11]] = True  # in block 2 of 4-token blocks
+    noisy = torch.where(masked, torch.full_like(ids, MASK), ids)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([ids, noisy], 1), position_ids=positions.repeat(1, 2),
+                       attention_mask=block_context_mask(positions, 1, 4),
+                       use_cache=False).logits
+        sequence = CachedSequence(model)
+        before = sequence.prefill(ids[0, :8].tolist())
+        decoded = sequence.forward(noisy[0, 8:].tolist(), attention="block", keep=False)
+    assert torch.allclose(logits[0, 12 + 8:], decoded, atol=1e-4)
+    assert torch.allclose(logits[0, 7], before, atol=1e-4)  # the clean part: causal logits
+    spec = UnifiedStage(block_size=4)
+    predicted, targets, hidden = block_predictions(logits[:, :12], logits[:, 12:], ids, masked,
+                                                   positions, spec.block_size, True)
+    # Position 8 starts block 2: the clean token before it predicts it, as in decoding.
+    assert torch.equal(predicted[0, 7], logits[0, 7])
+    assert torch.equal(predicted[0, 9], logits[0, 12 + 9])
+
+
+def test_block_objective_takes_the_next_token_loss_from_the_clean_part():
+    model = _tiny_model()
+    batch = _packed_batch(rows=2)
+    seen = {}
+
+    def recording(**inputs):
+        seen.update(inputs)
+        return model(**inputs)
+
+    loss, parts = _objective(attention="block", block_size=4)(recording, batch, 1.0)
+    assert seen["input_ids"].shape == (2, 24) and set(parts) == {"ar", "dlm"}
+    assert torch.equal(seen["input_ids"][:, :12], batch["input_ids"])
+    with torch.no_grad():
+        clean = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      use_cache=False).logits
+    assert abs(float(parts["ar"]) - float(causal_lm_loss(clean, batch["labels"]))) < 1e-5
+    _objective(attention="block", mask_mode="complementary")(recording, batch, 1.0)
+    assert seen["input_ids"].shape == (2, 36)  # [clean | M | not M]

@@ -278,7 +278,13 @@ def _diffusion_numbers(model, row: dict, scored: dict, options: EvalOptions, dev
         scores = diffusion_scores(model, held.batches, settings, device)
         row.update({f"{kind}_{key}": value for key, value in scores.items()})
     if options.decode_tokens:
+        from wftool.decoding.kv_cache import lookahead_problem
         from wftool.eval.decoding_modes import decoding_report
+
+        problem = lookahead_problem(model, settings.attention)
+        if problem:  # e.g. sliding-window layers: decoding ahead cannot be undone
+            row["decoding_problem"] = problem
+            return
 
         empty = SetBatches([], 0, False)
         row["decoding"] = decoding_report(model, scored.get("text", empty).batches,
@@ -374,6 +380,7 @@ def print_eval_table(report: EvalReport, console: Console) -> None:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
     if any(row.get("decoding") for row in report.models):
         console.print(decoding_table(report.models))
+    if any(row.get("decoding") or row.get("decoding_problem") for row in report.models):
         for note in decoding_notes(report.models):
             console.print(note, highlight=False)
     metrics = list(dict.fromkeys(k for row in report.models for k in row.get("lm_eval", {})
@@ -447,7 +454,8 @@ def decoding_table(models: list[dict]) -> Table:
 def decoding_notes(models: list[dict]) -> list[str]:
     """Under the decoding table: what was decoded, and whether greedy self-speculative
     decoding gave exactly the autoregressive output."""
-    notes = []
+    notes = [f"{row['model']}: no diffusion decoding: {row['decoding_problem']}"
+             for row in models if row.get("decoding_problem")]
     for row in models:
         modes = row.get("decoding")
         if not modes:

@@ -159,6 +159,7 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
         label = "original model (FP)" if teacher.name_or_path else "teacher (FP, original)"
         rows.append(PipelineRow(label, recipe.model.name_or_path, None, None,
                                 source=recipe.model))
+    previous: tuple[str, Path] | None = None  # the stage just run and its output
     for stage in recipe.stages:
         console.rule(f"student: {stage}")
         info = get_stage(stage) if stage in STUDENT_STAGE_NAMES else None
@@ -172,9 +173,16 @@ def run_pipeline(recipe: Recipe, console: Console) -> list[dict]:
                 console.print(f"convert: reusing {done}")
             rows.append(PipelineRow(info.table_label, done, time.perf_counter() - start, 0,
                                     reused))
+            previous = (stage, done)
         elif info is not None and info.trains:
-            result = info.run_function()(recipe, console)
+            # Each stage starts from the one before it in `stages` (not from an older run of
+            # another stage it could also follow), unless the recipe names its init.
+            chained = (previous is not None and previous[0] in info.previous
+                       and not getattr(recipe, stage).init)
+            result = info.run_function()(recipe, console,
+                                         init=previous[1] if chained else None)
             rows.append(_trained_row(info.table_label, result.final_dir, start))
+            previous = (stage, result.final_dir)
         else:
             console.print(f"[yellow]{stage}: not part of `wft pipeline` yet, skipped[/]")
     if recipe.pipeline.baseline and "distill" in recipe.stages:

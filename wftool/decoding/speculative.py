@@ -55,6 +55,8 @@ def _verified_rounds(model, prompt_ids: list[int], settings: DiffusionSettings,
     while produced < max_new_tokens:
         # Leave room for the token the AR head appends after the accepted drafts.
         room = min(block_size - 1, max_new_tokens - produced - 1)
+        if settings.attention == "block":  # [token, drafts] within one training block
+            room = min(room, block_size - 1 - sequence.length % block_size)
         drafts = _draft(sequence, token, room, settings) if room > 0 else []
         checked = without_token(sequence.forward([token, *drafts]), mask_id)
         accepted, token = _accept(checked, drafts, sampling, generator)

@@ -13,11 +13,12 @@ import torch
 
 from wftool.model.mask_token import DiffusionSettings
 from wftool.train.diffusion_masks import (
+    block_context_mask,
     maskable_positions,
     sample_noise,
     training_attention_mask,
 )
-from wftool.train.unified import masked_accuracy, masked_diffusion_loss
+from wftool.train.unified import block_predictions, masked_accuracy, masked_diffusion_loss
 
 NOISE_FLOOR = 1e-3  # t ~ U(NOISE_FLOOR, 1), as unified.mask_eps's default
 
@@ -36,17 +37,12 @@ def diffusion_scores(model, batches: list[dict], settings: DiffusionSettings, de
         ids, positions = batch["input_ids"], batch["position_ids"]
         eligible = maskable_positions(batch["labels"], positions, settings.shift)
         t, masked = sample_noise(eligible, NOISE_FLOOR, 1.0, generator)
-        noisy = torch.where(masked, torch.full_like(ids, settings.mask_token_id), ids)
-        attention = training_attention_mask(positions, settings.attention,
-                                            padding=batch.get("attention_mask"),
-                                            block_size=settings.block_size)
         with (autocast or contextlib.nullcontext)():
-            logits = model(input_ids=noisy.to(device), position_ids=positions.to(device),
-                           attention_mask=attention.to(device), use_cache=False).logits
-        targets, masked, t = ids.to(device), masked.to(device), t.to(device)
-        weighted += float(masked_diffusion_loss(logits, targets, masked, t, settings.shift, 1))
-        scored = int(masked[:, 1:].sum() if settings.shift else masked.sum())
-        right += round(float(masked_accuracy(logits, targets, masked, settings.shift)) * scored)
+            logits, targets, hidden = _denoised(model, batch, masked, settings, device)
+        t = t.to(device)
+        weighted += float(masked_diffusion_loss(logits, targets, hidden, t, False, 1))
+        scored = int(hidden.sum())
+        right += round(float(masked_accuracy(logits, targets, hidden, False)) * scored)
         masked_total += scored
         maskable_total += int(eligible.sum())
     model.train(was_training)
@@ -54,4 +50,29 @@ def diffusion_scores(model, batches: list[dict], settings: DiffusionSettings, de
         return {}
     return {"dlm_loss": weighted / maskable_total,
             "dlm_accuracy": right / max(masked_total, 1)}
+
+
+def _denoised(model, batch: dict, masked: torch.Tensor, settings: DiffusionSettings, device):
+    """(logits, targets, masked) aligned position by position, from the layout the student
+    was trained with: [clean | noisy] rows for block diffusion, noisy rows otherwise."""
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    noisy = torch.where(masked, torch.full_like(ids, settings.mask_token_id), ids)
+    padding = batch.get("attention_mask")
+    ids, positions, masked = ids.to(device), positions.to(device), masked.to(device)
+    if settings.attention == "block":
+        allowed = block_context_mask(positions, 1, settings.block_size,
+                                     padding=None if padding is None else padding.to(device))
+        logits = model(input_ids=torch.cat([ids, noisy.to(device)], 1),
+                       position_ids=positions.repeat(1, 2), attention_mask=allowed,
+                       use_cache=False).logits
+        seq = ids.shape[1]
+        return block_predictions(logits[:, :seq], logits[:, seq:], ids, masked, positions,
+                                 settings.block_size, settings.shift)
+    allowed = training_attention_mask(positions, settings.attention,
+                                      padding=None if padding is None else padding.to(device))
+    logits = model(input_ids=noisy.to(device), position_ids=positions,
+                   attention_mask=allowed, use_cache=False).logits
+    if settings.shift:
+        return logits[:, :-1], ids[:, 1:], masked[:, 1:]
+    return logits, ids, masked
 

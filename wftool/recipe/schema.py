@@ -351,8 +351,9 @@ class UnifiedStage(_TrainingStage):
         "diffusion-loss weight and optional mask-ratio range.")
     mask_mode: Literal["split", "complementary"] = Field(
         "split", description="`split`: each micro-batch's rows are shared between the "
-        "objectives (no extra compute); `complementary`: as split, and each denoising row is "
-        "used twice, masked with M and with its complement (every token denoised once).")
+        "objectives (no extra compute; with attention=block every row has one noisy copy); "
+        "`complementary`: each denoising row is used twice, masked with M and with its "
+        "complement (every token denoised once).")
     dlm_share: Float = Field(
         0.5, gt=0.0, lt=1.0, description="Share of each micro-batch's rows that train "
         "denoising while the phase's dlm_weight > 0 (all rows train next-token CE at 0).")
@@ -361,10 +362,11 @@ class UnifiedStage(_TrainingStage):
         True, description="Keep the next-token shift: logits at position i-1 predict a "
         "masked token at i (AR-to-diffusion adaptation); false: position i predicts itself.")
     attention: Literal["causal", "bidirectional", "anneal", "block"] = Field(
-        "block", description="Attention of denoising rows: `causal`; `bidirectional`; "
-        "`anneal` (causal to bidirectional over anneal_steps); `block` (block diffusion: "
-        "bidirectional within blocks of block_size, causal across them; decodes with a "
-        "KV cache that matches training).")
+        "block", description="Attention of denoising rows: `block` (block diffusion: rows "
+        "laid out [clean | noisy], each noisy block bidirectional and seeing the clean "
+        "earlier blocks, as cached decoding does; every row trains both objectives at twice "
+        "the tokens); `causal`; `bidirectional`; `anneal` (causal to bidirectional over "
+        "anneal_steps). The last three share rows as mask_mode says.")
     anneal_steps: Steps = Field(0, description="`anneal`: steps from causal to bidirectional.")
     block_size: Int = Field(32, ge=1, le=MAX_SEQ_LEN,
                             description="Block length of block diffusion and of decoding.")

@@ -53,6 +53,36 @@ def training_attention_mask(position_ids: torch.Tensor, mode: str, *,
     return allowed[:, None]
 
 
+def block_context_mask(position_ids: torch.Tensor, copies: int, block_size: int, *,
+                       padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [batch, 1, n, n] mask (n = (1 + copies) * seq) of a block-diffusion row laid
+    out as [clean | noisy copy 1 | ...] (BD3-LM, TiDAR): the clean part is causal within
+    each document, as a KV cache built left to right holds it; each noisy copy sees its own
+    block bidirectionally and the clean tokens of its document's earlier blocks, which is
+    what block decoding sees. Blocks of `block_size` count from each document's start."""
+    seq = position_ids.shape[1]
+    docs = document_ids(position_ids)
+    same = docs[:, :, None] == docs[:, None, :]
+    index = torch.arange(seq, device=position_ids.device)
+    blocks = torch.div(position_ids, block_size, rounding_mode="floor")
+    causal = same & (index[None, None, :] <= index[None, :, None])
+    earlier_blocks = same & (blocks[:, None, :] < blocks[:, :, None])
+    own_block = same & (blocks[:, None, :] == blocks[:, :, None])
+    if padding is not None:
+        keys = padding.bool()[:, None, :]
+        causal, earlier_blocks, own_block = causal & keys, earlier_blocks & keys, own_block & keys
+    parts = 1 + copies
+    allowed = torch.zeros(position_ids.shape[0], parts * seq, parts * seq, dtype=torch.bool,
+                          device=position_ids.device)
+    allowed[:, :seq, :seq] = causal
+    for copy in range(1, parts):
+        rows = slice(copy * seq, (copy + 1) * seq)
+        allowed[:, rows, :seq] = earlier_blocks
+        allowed[:, rows, rows] = own_block
+    allowed |= torch.eye(parts * seq, dtype=torch.bool, device=position_ids.device)
+    return allowed[:, None]
+
+
 def maskable_positions(labels: torch.Tensor, position_ids: torch.Tensor, shift: bool,
                        ignore_index: int = -100) -> torch.Tensor:
     """[batch, seq] positions the diffusion loss may mask and predict: labelled tokens;

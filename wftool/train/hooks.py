@@ -86,11 +86,11 @@ class QuantWarmup:
 class QSparseWarmup:
     """Q-Sparse's activation sparsity rises linearly from the input model's to `target`
     over `steps` optimizer steps of the stage (at once with `steps` = 0). Set in a few
-    discrete levels: every distinct value is a different top-K (and a recompile under
-    torch.compile)."""
+    discrete levels: every distinct value is a different top-K, and a recompile under
+    torch.compile (whose default limit is 8 per function)."""
 
     name = "q_sparse_warmup"
-    LEVELS = 20
+    LEVELS = 4
 
     def __init__(self, model: nn.Module, target: float, steps: int):
         self.model, self.target, self.steps = model, target, steps

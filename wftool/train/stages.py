@@ -21,8 +21,9 @@ from wftool.train.trainer import StageRun, Trainer, TrainResult
 
 
 def find_init(recipe: Recipe, stage: str) -> Path:
-    """The directory a stage starts from: `<stage>.init`, else the newest previous output
-    (local, or fetched from `sync_to` when only the remote copy exists)."""
+    """The directory a stage starts from: `<stage>.init`, else the most recently finished
+    output of the stages it may follow (local, or fetched from `sync_to` when only the
+    remote copy exists). `wft pipeline` passes the stage before it instead."""
     explicit = getattr(recipe, stage).init
     cache = Path(recipe.stage_dir(stage)) / "init"
     if explicit:
@@ -33,10 +34,10 @@ def find_init(recipe: Recipe, stage: str) -> Path:
             raise WftError(f"{stage}.init: {explicit} is not a model directory (no config.json)")
         return path
     previous_stages = get_stage(stage).previous
-    for previous in previous_stages:
-        candidate = final_dir(recipe, previous)
-        if (candidate / "config.json").exists():
-            return candidate
+    found = [final_dir(recipe, previous) for previous in previous_stages
+             if (final_dir(recipe, previous) / "config.json").exists()]
+    if found:  # the most recently finished: an older run of another stage may be there too
+        return max(found, key=lambda path: (path / "config.json").stat().st_mtime_ns)
     if recipe.sync_to:
         for previous in previous_stages:
             url = stage_url(recipe.sync_to, recipe.name, previous)
@@ -165,9 +166,9 @@ def run_pretrain(recipe: Recipe, console=None, *, output_dir: Path | None = None
     return _train(run, console)
 
 
-def run_layerwise(recipe: Recipe, console=None) -> TrainResult:
+def run_layerwise(recipe: Recipe, console=None, *, init: Path | None = None) -> TrainResult:
     stage = recipe.layerwise
-    model, tokenizer, meta = _load_student(find_init(recipe, "layerwise"))
+    model, tokenizer, meta = _load_student(init or find_init(recipe, "layerwise"))
     teacher, _ = load_teacher(recipe.model, recipe.teacher.dtype)
     _check_vocab(model, teacher)
     if teacher.config.num_hidden_layers != model.config.num_hidden_layers:
@@ -182,13 +183,18 @@ def run_layerwise(recipe: Recipe, console=None) -> TrainResult:
     return _train(run, console)
 
 
-def run_unified(recipe: Recipe, console=None) -> TrainResult:
+def run_unified(recipe: Recipe, console=None, *, init: Path | None = None) -> TrainResult:
     """Next-token CE + masked diffusion on the ternary student, after adding its mask token."""
     from wftool.model.mask_token import add_mask_token
     from wftool.train.unified import UnifiedObjective
 
     stage = recipe.unified
-    model, tokenizer, meta = _load_student(find_init(recipe, "unified"))
+    model, tokenizer, meta = _load_student(init or find_init(recipe, "unified"))
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise WftError(f"unified: the student's attention implementation {implementation!r} "
+                       "cannot take the masks denoising rows need",
+                       "load it with sdpa attention (the default)")
     mask_id = add_mask_token(model, tokenizer)
     family = family_for_model_type(model.config.model_type)
     hooks = ()
@@ -208,9 +214,10 @@ def run_unified(recipe: Recipe, console=None) -> TrainResult:
     return _train(run, console)
 
 
-def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = None) -> TrainResult:
+def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = None,
+                init: Path | None = None) -> TrainResult:
     stage = recipe.distill
-    model, tokenizer, meta = _load_student(find_init(recipe, "distill"))
+    model, tokenizer, meta = _load_student(init or find_init(recipe, "distill"))
     source = teacher_source or recipe.teacher.name_or_path
     if not source:
         refuse_random_teacher(recipe)
