@@ -25,9 +25,11 @@ from pathlib import Path
 from wftool.commands.evaluate import eval_cells, eval_titles
 from wftool.commands.pipeline import pipeline_cells, pipeline_titles
 from wftool.recipe import load_recipe
+from wftool.stage_registry import TRAINING_STAGES
 from wftool.train.evaluation import accuracy_basis, accuracy_notes
 from wftool.train.progress import format_duration
 
+TRAINING_STAGE_NAMES = tuple(stage.name for stage in TRAINING_STAGES)
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "tiny" / "pipeline.json"
 CURVES = ROOT / "docs" / "tiny" / "curves.png"
@@ -58,15 +60,22 @@ def recipe_values(recipe) -> dict:
             flat[prefix] = value
 
     walk(recipe.model_dump(mode="json"), "")
-    ignored = ("output_dir", "description", "logging.", "serve.", "launch.", "resume.")
-    return {k: v for k, v in flat.items() if not k.startswith(ignored)}
+    return {k: v for k, v in flat.items() if not k.startswith(_ignored(recipe))}
+
+
+def _ignored(recipe) -> tuple[str, ...]:
+    """Keys that cannot change the run's numbers: where it writes and logs, and the
+    sections of training stages its `stages` do not run."""
+    skipped = tuple(f"{stage}." for stage in TRAINING_STAGE_NAMES if stage not in recipe.stages)
+    return ("output_dir", "description", "logging.", "serve.", "launch.", "resume.") + skipped
 
 
 def recipe_drift(reference: dict, recipe) -> list[str]:
     """Recipe keys whose value differs from the one the reference run used."""
-    now = recipe_values(recipe)
+    now, ignored = recipe_values(recipe), _ignored(recipe)
     return [f"{key}: {value!r} in the README's run, {now.get(key, '<missing>')!r} now"
-            for key, value in reference["recipe"].items() if now.get(key, "<missing>") != value]
+            for key, value in reference["recipe"].items()
+            if not key.startswith(ignored) and now.get(key, "<missing>") != value]
 
 
 def read_run(run_dir: Path) -> list[dict]:

@@ -48,6 +48,8 @@ def test_recipe_drift_names_the_changed_field(numbers, reference):
     changed = load_recipe("tiny", ["distill.training.max_steps=11"])
     drift = numbers.recipe_drift(reference, changed)
     assert drift == ["distill.training.max_steps: 10 in the README's run, 11 now"]
+    # A stage the run does not have cannot change its numbers.
+    assert numbers.recipe_drift(reference, load_recipe("tiny", ["unified.block_size=4"])) == []
 
 
 def test_check_accepts_noise_and_flags_a_changed_result(numbers, reference):
