@@ -84,6 +84,8 @@ def test_curriculum_must_rise_to_one():
         UnifiedStage(curriculum=[{"until": 0.5, "dlm_weight": 1.0}])
     with pytest.raises(ValidationError, match="anneal_steps"):
         UnifiedStage(attention="anneal")
+    with pytest.raises(ValidationError, match="past training.max_steps"):
+        UnifiedStage(attention="anneal", anneal_steps=20, training={"max_steps": 10})
 
 
 def test_anneal_grows_from_causal_to_bidirectional():

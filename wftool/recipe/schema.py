@@ -382,6 +382,10 @@ class UnifiedStage(_TrainingStage):
         if self.attention == "anneal" and self.anneal_steps == 0:
             raise ValueError("attention=anneal needs anneal_steps > 0 (steps from causal to "
                              "bidirectional)")
+        if self.attention == "anneal" and self.anneal_steps > self.training.max_steps:
+            raise ValueError(f"anneal_steps={self.anneal_steps} is past training.max_steps="
+                             f"{self.training.max_steps}: attention would never become "
+                             "bidirectional; lower anneal_steps")
         return self
 
 
