@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 
 import torch
@@ -73,6 +74,26 @@ def timed(device: torch.device, fn, *args) -> float:
     fn(*args)
     synchronize(device)
     return time.perf_counter() - start
+
+
+def layer_step(layer, x: torch.Tensor, device: torch.device, dtype: str) -> None:
+    """One forward (under `dtype` autocast) and backward of `layer` on `x`."""
+    with autocast(device, dtype):
+        out = layer(x)
+    out.backward(torch.ones_like(out))  # outside autocast, as in the trainer
+
+
+def layer_step_medians(layers: dict, x: torch.Tensor, repeats: int, warmup: int,
+                       device: torch.device, dtype: str) -> dict[str, float]:
+    """Median seconds of `layer_step` per layer: warmed up, then timed alternately."""
+    for layer in layers.values():  # warm-up (and compilation, cuBLAS set-up)
+        for _ in range(warmup):
+            layer_step(layer, x, device, dtype)
+    times = {name: [] for name in layers}
+    for _ in range(repeats):
+        for name, layer in layers.items():
+            times[name].append(timed(device, layer_step, layer, x, device, dtype))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def describe(device: torch.device, dtype: str) -> str:

@@ -13,21 +13,14 @@ target is set for it, nor for fp32 on a GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from torch import nn
 
-from _device import add_device_arguments, autocast, describe, resolve_device, timed
+from _device import add_device_arguments, describe, layer_step_medians, resolve_device
 from wftool.quant.bitlinear import BitLinear
 
 TARGETS = {"eager": 1.15, "compiled": 1.05}  # fp32 on CPU
-
-
-def _step(layer: nn.Module, x: torch.Tensor, device: torch.device, dtype: str) -> None:
-    with autocast(device, dtype):
-        out = layer(x)
-    out.backward(torch.ones_like(out))  # outside autocast, as in the trainer
 
 
 def measure(size: int, tokens: int, repeats: int, warmup: int, compiled: bool,
@@ -40,14 +33,8 @@ def measure(size: int, tokens: int, repeats: int, warmup: int, compiled: bool,
     layers = {"linear": linear, "bitlinear": bit}
     if compiled:
         layers = {k: torch.compile(v) for k, v in layers.items()}
-    for layer in layers.values():  # warm-up (and compilation, cuBLAS set-up)
-        for _ in range(warmup):
-            _step(layer, x, device, dtype)
-    times = {k: [] for k in layers}
-    for _ in range(repeats):
-        for name, layer in layers.items():
-            times[name].append(timed(device, _step, layer, x, device, dtype))
-    return statistics.median(times["linear"]), statistics.median(times["bitlinear"])
+    medians = layer_step_medians(layers, x, repeats, warmup, device, dtype)
+    return medians["linear"], medians["bitlinear"]
 
 
 def main() -> None:

@@ -13,18 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 
 import torch
 
-from _device import add_device_arguments, autocast, describe, resolve_device, timed
+from _device import add_device_arguments, describe, layer_step_medians, resolve_device
 from wftool.quant.bitlinear import BitLinear
-
-
-def _step(layer: BitLinear, x: torch.Tensor, device: torch.device, dtype: str) -> None:
-    with autocast(device, dtype):
-        out = layer(x)
-    out.backward(torch.ones_like(out))  # outside autocast, as in the trainer
 
 
 def measure(size: int, tokens: int, sparsity: float, repeats: int, warmup: int,
@@ -36,14 +29,8 @@ def measure(size: int, tokens: int, sparsity: float, repeats: int, warmup: int,
     sparse.sparsity = sparsity
     x = torch.randn(tokens, size, device=device, requires_grad=True)
     layers = {"dense": dense, "sparse": sparse}
-    for layer in layers.values():
-        for _ in range(warmup):
-            _step(layer, x, device, dtype)
-    times = {k: [] for k in layers}
-    for _ in range(repeats):
-        for name, layer in layers.items():
-            times[name].append(timed(device, _step, layer, x, device, dtype))
-    return statistics.median(times["dense"]), statistics.median(times["sparse"])
+    medians = layer_step_medians(layers, x, repeats, warmup, device, dtype)
+    return medians["dense"], medians["sparse"]
 
 
 def main() -> None:
