@@ -53,3 +53,19 @@ def save_small_model(path, dtype="float32", seed=0):
     model.save_pretrained(path)
     train_synthetic_tokenizer(values["vocab_size"]).save_pretrained(path)
     return str(path)
+
+
+def run_worker_pair(worker_name: str, out) -> dict:
+    """Run tests/train/<worker_name> as 2 gloo processes under torchrun; the JSON rank 0
+    wrote to `out`."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name(worker_name)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", str(worker), str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(Path(out).read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.conftest import save_small_model, small_recipe
+from tests.train.conftest import run_worker_pair, save_small_model, small_recipe
 from wftool.model.checkpoint import load_model_dir
 
 pytestmark = pytest.mark.slow
@@ -168,13 +168,7 @@ def test_layerwise_under_ddp_with_an_untied_head_and_fewer_eval_batches_than_ran
 
 
 def test_sharded_muon_is_muon_on_the_whole_matrix(tmp_path):
-    out = tmp_path / "muon.json"
-    worker = Path(__file__).with_name("sharded_muon_worker.py")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node", "2", str(worker), str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(out.read_text())
+    errors = run_worker_pair("sharded_muon_worker.py", tmp_path / "muon.json")
     assert errors["moved"] > 1e-3  # the steps changed the weights
     assert errors["update_error"] < 1e-6 and errors["scale_error"] < 1e-6
 

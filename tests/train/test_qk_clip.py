@@ -3,15 +3,14 @@ touches nothing else, outputs stay as they were, and the QK-norm, ternary and FS
 
 import json
 import math
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from tests.conftest import tiny_llama, tiny_qwen3
+from tests.train.conftest import run_worker_pair
 from wftool.model.families import FAMILIES
 from wftool.model.surgery import convert_to_bitnet
 from wftool.quant.bitlinear import bitlinear
@@ -382,13 +381,7 @@ def test_metrics_and_a_resumed_count():
 
 @pytest.mark.slow
 def test_fsdp2_shards_clip_what_one_process_clips(tmp_path):
-    out = tmp_path / "qk_clip.json"
-    worker = Path(__file__).with_name("qk_clip_worker.py")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node", "2", str(worker), str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(out.read_text())
+    found = run_worker_pair("qk_clip_worker.py", tmp_path / "qk_clip.json")
     assert found["ranks_saw_different_maxima"]  # so the all-reduce mattered
     assert found["clipped_heads"] > 0 and found["clipped_heads"] == found["reference_clipped"]
     assert found["maxima_error"] < 1e-6 * found["max_logit"]

@@ -34,8 +34,7 @@ def diffusion_scores(model, batches: list[dict], settings: DiffusionSettings, de
     was_training = model.training
     model.eval()
     for batch in batches:
-        ids, positions = batch["input_ids"], batch["position_ids"]
-        eligible = maskable_positions(batch["labels"], positions, settings.shift)
+        eligible = maskable_positions(batch["labels"], batch["position_ids"], settings.shift)
         t, masked = sample_noise(eligible, NOISE_FLOOR, 1.0, generator)
         with (autocast or contextlib.nullcontext)():
             logits, targets, hidden = _denoised(model, batch, masked, settings, device)
