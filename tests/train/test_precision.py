@@ -15,7 +15,7 @@ from wftool.commands.convert import run_convert
 from wftool.model.checkpoint import load_model_dir
 from wftool.recipe import load_recipe
 from wftool.train.metrics import read_metrics
-from wftool.train.stages import run_distill, run_layerwise, run_pretrain
+from wftool.train.stages import run_distill, run_layerwise, run_pretrain, run_unified
 
 TRAINING = {"max_steps": 6, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
             "save_every": 3, "eval_every": 3, "log_every": 2}
@@ -36,6 +36,8 @@ def _recipe_file(tmp_path: Path, source: str, dtype: str, precision: str, **extr
         "teacher": {"name_or_path": source, "dtype": dtype},
         "data": {"seq_len": 32, "eval_fraction": 0.1, "eval_batches": 2},
         "layerwise": {"training": training}, "pretrain": {"training": training},
+        "unified": {"training": training, "block_size": 8,
+                    "curriculum": [{"until": 1.0, "dlm_weight": 1.0}]},
         "distill": {"training": training, "data": task, "attention_weight": 10.0},
         **extra,
     }
@@ -61,13 +63,14 @@ def _losses(recipe, stage) -> list[float]:
 
 @pytest.mark.slow
 def test_every_stage_trains_a_bf16_checkpoint_in_bf16_with_fp32_masters(tmp_path):
+    """unified included: Muon + QK-clip, [clean | noisy] block rows, its mask token row."""
     source = save_small_model(tmp_path / "source", "bfloat16")
     losses, evals = {}, {}
     for precision, dtype in (("bf16", "auto"), ("fp32", "float32")):
         recipe = load_recipe(_recipe_file(tmp_path / precision, source, dtype, precision))
         run_convert(recipe)
         for stage, run in (("layerwise", run_layerwise), ("pretrain", run_pretrain),
-                           ("distill", run_distill)):
+                           ("unified", run_unified), ("distill", run_distill)):
             result = run(recipe)
             losses[precision, stage] = _losses(recipe, stage)
             evals[precision, stage] = result.eval
@@ -84,7 +87,7 @@ def test_every_stage_trains_a_bf16_checkpoint_in_bf16_with_fp32_masters(tmp_path
             converted = json.loads((Path(recipe.stage_dir("convert")) / "final" /
                                     "config.json").read_text())
             assert converted["dtype"] == "bfloat16"
-    for stage in ("layerwise", "pretrain", "distill"):
+    for stage in ("layerwise", "pretrain", "unified", "distill"):
         bf16, fp32 = torch.tensor(losses["bf16", stage]), torch.tensor(losses["fp32", stage])
         assert len(bf16) == len(fp32) == 6 and torch.isfinite(bf16).all()
         torch.testing.assert_close(bf16, fp32, rtol=LOSS_RTOL, atol=0.0, msg=stage)
