@@ -234,6 +234,9 @@ class TrainingSpec(Section):
     weight_decay: Fraction = 0.1
     betas: tuple[Beta, Beta] = (0.9, 0.95)
     grad_clip: Float | None = Field(1.0, gt=0.0, le=1e6)
+    router_aux_loss_weight: Weight | None = Field(
+        None, description="MoE students: weight of the router's load-balancing loss (default: "
+        "the model config's router_aux_loss_coef).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
     )
@@ -274,6 +277,20 @@ class ResumeSpec(Section):
     load_scheduler: bool = True
 
 
+class MoeFromDense(Section):
+    """Turn a dense model into a Mixture of Experts before conversion (fake MoE)."""
+
+    experts: Int = Field(..., ge=2, le=1024, description="Experts per layer, each a copy of "
+                         "the dense FFN (training makes them diverge).")
+    top_k: Int = Field(2, ge=1, le=1024, description="Experts each token is routed to.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> MoeFromDense:
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} is more than experts={self.experts}")
+        return self
+
+
 class ConvertStage(Section):
     """Stage 1: BitLinear in place of every projection, plus SubLN."""
 
@@ -288,6 +305,10 @@ class ConvertStage(Section):
     )
     output: PathText | None = Field(
         None, description="Default: <output_dir>/<name>/convert/final.")
+    moe: MoeFromDense | None = Field(
+        None, description="Make the dense model an MoE first (Llama/Mistral -> Mixtral): "
+        "experts start as copies of the FFN and the router uniform, so the MoE computes "
+        "what the dense model does until training makes the experts diverge.")
 
 
 class _TrainingStage(Section):
