@@ -85,6 +85,7 @@ def numeric_fields() -> list[Num]:
             Num(f"{t}.decay_fraction", float, 0, 1, low_open=True),
             Num(f"{t}.weight_decay", float, 0, 1),
             Num(f"{t}.grad_clip", float, 0, 1e6, low_open=True, optional=True),
+            Num(f"{t}.router_aux_loss_weight", float, 0, 1e9, optional=True),
             Num(f"{t}.log_every", int, 1, 10**9), Num(f"{t}.eval_every", int, 1, 10**9),
             Num(f"{t}.save_every", int, 1, 10**9), Num(f"{t}.keep_last", int, 1, 1000),
             Num(f"{t}.seed", int, 0, 2**63 - 1),
@@ -244,6 +245,9 @@ ENUMS = {
                             [{"until": 0.6, "dlm_weight": 1.0}, {"until": 0.6, "dlm_weight": 1.0},
                              {"until": 1.0, "dlm_weight": 1.0}]]),
     "unified.attention": (["causal", "bidirectional", "block"], ["anneal", "full", 1]),
+    "convert.moe": ([{"experts": 4, "top_k": 2}, {"experts": 2, "top_k": 2}, None],
+                    [{"experts": 1}, {"experts": 4, "top_k": 5}, {"top_k": 2}, "x",
+                     {"experts": 4, "top_k": 0}, {"experts": True}]),
 }
 
 NAMES = (["tiny", "a", "run_1", "x.y", "A-b_c.2", "n" * 100, "1"],
