@@ -11,10 +11,12 @@ from rich.table import Table
 from wftool.errors import WftError
 from wftool.export.gguf_target import BITS_PER_WEIGHT, ROW_MULTIPLE, plan_gguf_export
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
+from wftool.model.families import Family, family_for_model_type
 from wftool.model.loading import load_source_model
+from wftool.model.moe_from_dense import check_moe_equals_dense, dense_to_moe, equality_tolerance
 from wftool.model.surgery import ConversionReport, convert_to_bitnet, set_quant_mix
 from wftool.quant.bitlinear import BitLinear
-from wftool.recipe.schema import Recipe
+from wftool.recipe.schema import MoeFromDense, Recipe
 from wftool.train.remote import stage_url, upload_dir
 
 
@@ -27,6 +29,7 @@ class ConvertResult:
     gguf_type: str  # the recipe's export.type, which the check below is for
     gguf_blockers: list[str]  # why `wft export-gguf` would refuse it (empty: it fits)
     row_misfit: int | None = None  # a projection row length the export type cannot hold
+    moe_logit_diff: float | None = None  # convert.moe: MoE vs dense logits, relative
 
 
 def default_convert_output(recipe: Recipe) -> Path:
@@ -45,6 +48,9 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
         )
     model, tokenizer, family = load_source_model(recipe.model)
     stage = recipe.convert
+    moe_logit_diff = None
+    if stage.moe is not None:
+        model, family, moe_logit_diff = _dense_to_checked_moe(model, stage.moe)
     report = convert_to_bitnet(model, family, stage.sub_norm, stage.sub_norm_eps)
     sub_norm_eps = stage.sub_norm_eps
     if sub_norm_eps is None and report.sub_norms:
@@ -65,7 +71,22 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
     misfit = next((m.in_features for m in model.modules() if isinstance(m, BitLinear)
                    and multiple and m.in_features % multiple), None)
     return ConvertResult(output, report, family.name, arch, export_type,
-                         [b.reason for b in blockers], misfit)
+                         [b.reason for b in blockers], misfit, moe_logit_diff)
+
+
+def _dense_to_checked_moe(dense, moe: MoeFromDense) -> tuple[object, Family, float]:
+    """(MoE model, its family, relative logit difference) for `convert.moe`: the dense model
+    as a Mixtral whose experts copy its FFN, refused unless it computes the same logits."""
+    model = dense_to_moe(dense, moe.experts, moe.top_k)
+    diff = check_moe_equals_dense(dense, model)
+    tolerance = equality_tolerance(model.dtype)
+    if not diff <= tolerance:  # `not <=` refuses NaN too
+        raise WftError(
+            f"convert.moe: the {moe.experts}-expert model's logits differ from the dense "
+            f"model's by {diff:.1e} (relative; at most {tolerance:.0e} expected)",
+            "the dense-to-MoE mapping is wrong for this model; remove convert.moe",
+        )
+    return model, family_for_model_type(model.config.model_type), diff
 
 
 def _first_sub_norm_eps(model) -> float:
@@ -80,6 +101,10 @@ def print_convert_summary(result: ConvertResult, recipe: Recipe, console: Consol
     table.add_column(style="bold")
     table.add_column()
     table.add_row("family", result.family)
+    moe = recipe.convert.moe
+    if moe is not None and result.moe_logit_diff is not None:
+        table.add_row("moe", f"{moe.experts} experts, top-{moe.top_k}, logits equal the dense "
+                             f"model's (max rel diff {_tiny_number(result.moe_logit_diff)})")
     table.add_row(
         "BitLinear",
         f"{len(report.quantized)} projections, {report.quantized_params:,} of "
@@ -107,3 +132,8 @@ def print_convert_summary(result: ConvertResult, recipe: Recipe, console: Consol
     table.add_row("export", gguf)
     table.add_row("saved to", str(result.output))
     console.print(table)
+
+
+def _tiny_number(value: float) -> str:
+    """3e-07 as "3e-7", and 0 as "0"."""
+    return "0" if value == 0 else f"{value:.0e}".replace("e-0", "e-")
