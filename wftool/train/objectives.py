@@ -18,6 +18,7 @@ from wftool.data.packing import IGNORE_INDEX, model_inputs
 from wftool.model.families import Family
 from wftool.recipe.schema import DistillStage, LayerwiseStage
 from wftool.train.capture import capture_qkv
+from wftool.train.moe_balance import RouterBalance
 
 # objective(model, batch, progress in [0, 1]) -> (loss, {part name: detached tensor})
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -129,30 +130,40 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 # ---- stage objectives ---------------------------------------------------------------------
 
 class LanguageModeling:
-    """`pretrain` (and task fine-tuning): next-token CE on the labelled tokens."""
+    """`pretrain` (and task fine-tuning): next-token CE on the labelled tokens (plus the
+    router's load-balancing loss for an MoE student)."""
+
+    def __init__(self, balance: RouterBalance | None = None):
+        self.balance = balance or RouterBalance()
 
     def __call__(self, model, batch, progress):
-        logits = model(**model_inputs(batch)).logits
-        loss = causal_lm_loss(logits, batch["labels"])
-        return loss, {"ce": loss.detach()}
+        with self.balance.recording():
+            logits = model(**model_inputs(batch)).logits
+        ce = causal_lm_loss(logits, batch["labels"])
+        parts = {"ce": ce.detach()}
+        return self.balance.add(ce, parts, batch.get("attention_mask")), parts
 
 
 class LayerwiseDistillation:
     """`layerwise`: normalised hidden-state MSE per layer against the frozen teacher, later
     layers weighted more, plus an optional CE term; the distillation share decays linearly
-    from 1 to `distill_share_end` over the run."""
+    from 1 to `distill_share_end` over the run. An MoE student adds its router's
+    load-balancing loss."""
 
     # With ce_weight 0 an untied lm_head gets no gradient: DDP must not wait for one.
     leaves_parameters_unused = True
 
-    def __init__(self, teacher: torch.nn.Module, spec: LayerwiseStage, n_layers: int):
+    def __init__(self, teacher: torch.nn.Module, spec: LayerwiseStage, n_layers: int,
+                 balance: RouterBalance | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.spec = spec
         self.weights = layer_weights(n_layers, spec.layer_weighting)
+        self.balance = balance or RouterBalance()
 
     def __call__(self, model, batch, progress):
         inputs = model_inputs(batch)
-        out = model(**inputs, output_hidden_states=True)
+        with self.balance.recording():
+            out = model(**inputs, output_hidden_states=True)
         with torch.no_grad():
             teacher_hidden = self.teacher(**inputs, output_hidden_states=True).hidden_states
         mask = batch.get("attention_mask")
@@ -167,7 +178,7 @@ class LayerwiseDistillation:
             ce = causal_lm_loss(out.logits, batch["labels"])
             loss = loss + self.spec.ce_weight * ce
             parts["ce"] = ce.detach()
-        return loss, parts
+        return self.balance.add(loss, parts, mask), parts
 
     def held_out(self, outputs, batch) -> dict[str, torch.Tensor]:
         """The stage's own objective on held-out data (`eval_hidden`), from the student's
@@ -183,11 +194,14 @@ class LayerwiseDistillation:
 
 class Distillation:
     """`distill`: CE on answers + lambda * tau^2 KL(teacher || student) + gamma * relation
-    loss on Q, K, V at one layer."""
+    loss on Q, K, V at one layer (plus the router's load-balancing loss for an MoE
+    student)."""
 
     def __init__(self, teacher: torch.nn.Module, spec: DistillStage, student_family: Family,
-                 teacher_family: Family, n_layers: int, teacher_layers: int):
+                 teacher_family: Family, n_layers: int, teacher_layers: int,
+                 balance: RouterBalance | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
+        self.balance = balance or RouterBalance()
         self.spec = spec
         self.student_family, self.teacher_family = student_family, teacher_family
         self.student_layer = _layer_index(spec.attention_layer, n_layers)
@@ -198,7 +212,8 @@ class Distillation:
         spec = self.spec
         mask = batch.get("attention_mask")
         use_relations = spec.attention_weight > 0
-        with _maybe_capture(model, self.student_family, self.student_layer, use_relations) as s_qkv:
+        with (_maybe_capture(model, self.student_family, self.student_layer, use_relations)
+              as s_qkv, self.balance.recording()):
             logits = model(**inputs).logits
         with torch.no_grad(), _maybe_capture(
             self.teacher, self.teacher_family, self.teacher_layer, use_relations
@@ -214,7 +229,7 @@ class Distillation:
             relation = attention_relation_loss(s_qkv, t_qkv, spec.relation_heads, mask)
             loss = loss + spec.attention_weight * relation
             parts["relation"] = relation.detach()
-        return loss, parts
+        return self.balance.add(loss, parts, mask), parts
 
 
 def _layer_index(index: int, n_layers: int) -> int:

@@ -33,7 +33,10 @@ def lr_factor(step: int, spec: TrainingSpec) -> float:
 
 
 def _is_hidden_matrix(name: str, param: nn.Parameter, model: nn.Module) -> bool:
-    """Muon updates 2-D weights inside the blocks; embeddings and lm_head stay on AdamW."""
+    """Muon updates 2-D weights inside the blocks (MoE routers included); embeddings and
+    lm_head stay on AdamW. MoE experts stored as one [E, out, in] tensor are not hidden
+    matrices here: torch.optim.Muon takes only 2-D parameters, so they go to AdamW with
+    weight decay (see `build_optimizers`)."""
     if param.ndim != 2:
         return False
     embeddings = {id(model.get_input_embeddings().weight)}
@@ -46,7 +49,11 @@ def _is_hidden_matrix(name: str, param: nn.Parameter, model: nn.Module) -> bool:
 def build_optimizers(model: nn.Module, spec: TrainingSpec,
                      sharded: bool = False) -> list[torch.optim.Optimizer]:
     """AdamW for everything, or Muon for hidden matrices with AdamW for the rest.
-    `sharded`: the parameters are FSDP2 shards, which Muon updates through `ShardedMuon`."""
+    `sharded`: the parameters are FSDP2 shards, which Muon updates through `ShardedMuon`.
+
+    Under Muon, tensors of 3 or more dimensions (MoE experts as [E, out, in]) go to AdamW
+    with weight decay, like the embeddings: orthogonalising them per expert would need
+    one 2-D view per expert, which torch.optim.Muon cannot take."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]

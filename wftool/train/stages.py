@@ -15,6 +15,7 @@ from wftool.model.families import family_for_model_type
 from wftool.model.loading import load_source_model, torch_dtype
 from wftool.recipe.schema import DataSpec, ModelSpec, Recipe, ResumeSpec, TrainingSpec
 from wftool.stage_registry import final_dir, get_stage
+from wftool.train.moe_balance import router_balance
 from wftool.train.objectives import Distillation, LanguageModeling, LayerwiseDistillation
 from wftool.train.remote import fetch_dir, is_remote, stage_url
 from wftool.train.trainer import StageRun, Trainer, TrainResult
@@ -154,11 +155,13 @@ def run_pretrain(recipe: Recipe, console=None, *, output_dir: Path | None = None
     else:
         model, tokenizer, _ = load_source_model(recipe.model)
         meta = None
+    training = training or stage.training
     run = StageRun(
         recipe=recipe, stage=stage_label,
         output_dir=output_dir or Path(recipe.stage_dir("pretrain")),
-        model=model, tokenizer=tokenizer, objective=LanguageModeling(),
-        training=training or stage.training, data=data or stage.data or recipe.data,
+        model=model, tokenizer=tokenizer,
+        objective=LanguageModeling(router_balance(model, training)),
+        training=training, data=data or stage.data or recipe.data,
         resume=resume or stage.resume, meta=meta,
         warmup_steps=recipe.quantization.warmup_steps if meta is not None else 0,
         training_key=training_key, resume_key=resume_key,
@@ -173,7 +176,8 @@ def run_layerwise(recipe: Recipe, console=None, *, init: Path | None = None) -> 
     _check_vocab(model, teacher)
     if teacher.config.num_hidden_layers != model.config.num_hidden_layers:
         raise WftError("layer-wise distillation needs a teacher with the student's layer count")
-    objective = LayerwiseDistillation(teacher, stage, model.config.num_hidden_layers)
+    objective = LayerwiseDistillation(teacher, stage, model.config.num_hidden_layers,
+                                      router_balance(model, stage.training))
     run = StageRun(
         recipe=recipe, stage="layerwise", output_dir=Path(recipe.stage_dir("layerwise")),
         model=model, tokenizer=tokenizer, objective=objective, training=stage.training,
@@ -203,7 +207,7 @@ def run_unified(recipe: Recipe, console=None, *, init: Path | None = None) -> Tr
 
         hooks = (QKClip(model, family, stage.qk_clip_tau),)
     objective = UnifiedObjective(stage, mask_id, stage.training.max_steps, student=model,
-                                 hooks=hooks)
+                                 hooks=hooks, balance=router_balance(model, stage.training))
     meta.diffusion = objective.settings().to_dict()
     run = StageRun(
         recipe=recipe, stage="unified", output_dir=Path(recipe.stage_dir("unified")),
@@ -229,6 +233,7 @@ def run_distill(recipe: Recipe, console=None, *, teacher_source: str | None = No
         objective = Distillation(
             teacher, stage, student_family, teacher_family,
             model.config.num_hidden_layers, teacher.config.num_hidden_layers,
+            router_balance(model, stage.training),
         )
     except ValueError as err:
         raise WftError(f"distill.attention_layer: {err}") from None

@@ -24,6 +24,7 @@ from wftool.train.diffusion_masks import (
     sample_noise,
     training_attention_mask,
 )
+from wftool.train.moe_balance import RouterBalance
 from wftool.train.objectives import causal_lm_loss
 
 
@@ -99,8 +100,10 @@ class UnifiedObjective:
     """
 
     def __init__(self, spec: UnifiedStage, mask_token_id: int, max_steps: int,
-                 student: torch.nn.Module | None = None, hooks: tuple = ()):
+                 student: torch.nn.Module | None = None, hooks: tuple = (),
+                 balance: RouterBalance | None = None):
         self.spec, self.mask_token_id = spec, mask_token_id
+        self.balance = balance or RouterBalance()  # an MoE student's load-balancing loss
         self.clock = _Clock(spec, max_steps)
         self.hooks = (self.clock, *hooks)
         self.student = student  # scored by `held_out` (the trainer's evaluation)
@@ -124,15 +127,20 @@ class UnifiedObjective:
     def __call__(self, model, batch, progress):
         spec, step = self.spec, self.clock.step
         phase = phase_at(spec.curriculum, step, self.clock.max_steps)
-        if phase.dlm_weight == 0:
-            ar = self._next_token_loss(model, batch)
-            return spec.ar_weight * ar, {"ar": ar.detach()}
-        if spec.attention == "block":
-            ar, dlm, _ = self._block_losses(model, batch, phase)
-        else:
-            ar, dlm = self._split_losses(model, batch, phase, step)
-        loss = spec.ar_weight * ar + phase.dlm_weight * dlm
-        return loss, {"ar": ar.detach(), "dlm": dlm.detach()}
+        # Each path records one student forward; `tokens` marks its non-padding positions.
+        with self.balance.recording():
+            if phase.dlm_weight == 0:
+                ar, tokens = self._next_token_loss(model, batch), _padding(batch, slice(None))
+                loss, parts = spec.ar_weight * ar, {"ar": ar.detach()}
+            else:
+                if spec.attention == "block":
+                    ar, dlm, _ = self._block_losses(model, batch, phase)
+                    tokens = _block_padding(batch, spec.mask_mode)
+                else:
+                    ar, dlm, tokens = self._split_losses(model, batch, phase, step)
+                loss = spec.ar_weight * ar + phase.dlm_weight * dlm
+                parts = {"ar": ar.detach(), "dlm": dlm.detach()}
+        return self.balance.add(loss, parts, tokens), parts
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         if not self.additive_masks:
@@ -182,7 +190,11 @@ class UnifiedObjective:
         ar = causal_lm_loss(logits[:n_ar], batch["labels"][ar_rows])
         dlm = masked_diffusion_loss(logits[n_ar:], noise["targets"], noise["masked"],
                                     noise["t"], self.spec.shift, noise["maskable"])
-        return ar, dlm
+        padding = _padding(batch, slice(None))
+        if padding is not None:  # the forward's rows: next-token rows, then noisy copies
+            copies = noise["input_ids"].shape[0] // padding[dlm_rows].shape[0]
+            padding = torch.cat([padding[ar_rows], padding[dlm_rows].repeat(copies, 1)])
+        return ar, dlm, padding
 
     def _denoising_rows(self, batch: dict, rows: slice, phase: CurriculumPhase, step: int,
                         generator: torch.Generator | None = None) -> dict:
@@ -277,3 +289,10 @@ def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor, masked: torch.T
 def _padding(batch: dict, rows: slice) -> torch.Tensor | None:
     padding = batch.get("attention_mask")
     return None if padding is None else padding[rows]
+
+
+def _block_padding(batch: dict, mask_mode: str) -> torch.Tensor | None:
+    """The padding of a [clean | noisy copies] row laid out by `_block_losses`."""
+    padding = batch.get("attention_mask")
+    copies = 2 if mask_mode == "complementary" else 1
+    return None if padding is None else padding.repeat(1, 1 + copies)
