@@ -263,25 +263,28 @@ def _load_tensors(model, path: Path, names: list[str]) -> None:
     """Load ``names`` from the directory's safetensors file(s) into ``model``."""
     from safetensors import SafetensorError, safe_open
 
+    params = dict(model.named_parameters())
+    saved_names = _checkpoint_names(model, {name: params[name] for name in names})
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
     else:
-        weight_map = {name: "model.safetensors" for name in names}
-    params = dict(model.named_parameters())
+        weight_map = {saved: "model.safetensors" for saved in saved_names.values()}
     by_file: dict[str, list[str]] = {}
     for name in names:
-        if name not in weight_map:
-            raise WftError(f"{path} is missing tensor '{name}' (corrupt or partial checkpoint)")
-        by_file.setdefault(weight_map[name], []).append(name)
+        saved = saved_names[name]
+        if saved not in weight_map:
+            raise WftError(f"{path} is missing tensor '{saved}' (corrupt or partial checkpoint)")
+        by_file.setdefault(weight_map[saved], []).append(name)
     for filename, file_names in by_file.items():
         try:
             with safe_open(path / filename, framework="pt") as tensors:
                 available = set(tensors.keys())
                 for name in file_names:
-                    if name not in available:
-                        raise WftError(f"{path / filename} is missing tensor '{name}'")
-                    value = tensors.get_tensor(name)
+                    saved = saved_names[name]
+                    if saved not in available:
+                        raise WftError(f"{path / filename} is missing tensor '{saved}'")
+                    value = tensors.get_tensor(saved)
                     target = params[name]
                     if value.shape != target.shape:
                         raise WftError(
@@ -292,3 +295,15 @@ def _load_tensors(model, path: Path, names: list[str]) -> None:
                         target.copy_(value)
         except (OSError, RuntimeError, SafetensorError) as err:
             raise WftError(f"cannot read {path / filename}: {err}") from None
+
+
+def _checkpoint_names(model, params: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Model parameter name -> the name save_pretrained stored it under. transformers
+    renames some families' modules on save (Mixtral's `mlp` is written as
+    `block_sparse_moe`), so ask its own reverse mapping rather than assume the names match."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    reverted = revert_weight_conversion(model, dict(params))
+    # Renaming keeps each tensor object: find every parameter's new name by identity.
+    saved_by_id = {id(tensor): saved for saved, tensor in reverted.items()}
+    return {name: saved_by_id.get(id(tensor), name) for name, tensor in params.items()}

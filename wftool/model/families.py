@@ -63,6 +63,15 @@ class Family:
     )
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
+    # Mixture-of-experts families, per layer: the module holding the routed experts (3-D
+    # gate_up_proj / down_proj; it becomes BitExperts), the modules that pick experts or
+    # weigh the shared expert (they stay full precision: few parameters, and ternary routing
+    # would change which experts run), and always-on shared expert MLPs (converted like a
+    # dense MLP, SubLN included). A layer without `experts` is a dense one (Qwen MoE
+    # models may mix both).
+    experts: str | None = None
+    routers: tuple[str, ...] = ()
+    shared_experts: tuple[str, ...] = ()
 
     def gguf_layer_tensors(self, arch: str) -> tuple[tuple[str, str], ...]:
         """Per-layer (module path, tensor name) of a GGUF architecture: `bitnet` has the
@@ -75,11 +84,44 @@ class Family:
         raise ValueError(f"no GGUF tensor table for architecture {arch!r}")
 
     def projections(self) -> tuple[tuple[str, str], ...]:
-        """(block attribute, projection name) for every projection BitLinear replaces."""
+        """(block attribute, projection name) for every projection BitLinear replaces in a
+        dense layer."""
+        return self.layer_projections(sparse=False)
+
+    def is_sparse_layer(self, layer) -> bool:
+        """Whether a decoder layer holds routed experts."""
+        if self.experts is None:
+            return False
+        try:
+            layer.get_submodule(self.experts)
+        except AttributeError:
+            return False
+        return True
+
+    def layer_projections(self, sparse: bool) -> tuple[tuple[str, str], ...]:
+        """(block path, projection name) BitLinear replaces in a dense or a sparse layer;
+        a sparse layer's dense MLPs are its shared experts (routed ones are BitExperts)."""
+        mlps = self.shared_experts if sparse else (self.mlp,)
         return tuple((self.attention, p) for p in self.attention_projections) + tuple(
-            (self.mlp, p) for p in self.mlp_projections
+            (mlp, p) for mlp in mlps for p in self.mlp_projections
         )
 
+    def layer_sub_norms(self, sparse: bool) -> tuple[SubNormSlot, ...]:
+        """The paper's SubLN slots of a dense or a sparse layer: in a sparse layer the MLP
+        slot moves to each shared expert (routed experts carry their own, in BitExperts)."""
+        if not sparse:
+            return self.sub_norms
+        slots = []
+        for slot in self.sub_norms:
+            if slot.parent != self.mlp:
+                slots.append(slot)
+                continue
+            slots += [SubNormSlot(shared, slot.name, slot.projection)
+                      for shared in self.shared_experts]
+        return tuple(slots)
+
+
+MOE_GGUF_BLOCKER = "mixture-of-experts layers: wft does not write MoE GGUFs yet"
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -102,6 +144,34 @@ FAMILIES: dict[str, Family] = {
             llama_gguf_blocker="QK-norm (q_norm/k_norm) has no slot in the llama graph",
             gguf_fix=("serve Qwen3 students with `wft serve --backend torch` (ternary Qwen3 "
                       "GGUFs run only in Microsoft's patched BitNet fork)"),
+        ),
+        Family(
+            "mixtral",
+            ("mixtral",),
+            "Mixtral 8x7B",
+            bitnet_gguf_blocker=MOE_GGUF_BLOCKER,
+            llama_gguf_blocker=MOE_GGUF_BLOCKER,
+            experts="mlp.experts",
+            routers=("mlp.gate",),
+        ),
+        Family(
+            "qwen2_moe",
+            ("qwen2_moe",),
+            "Qwen1.5-MoE, Qwen2-57B-A14B",
+            bitnet_gguf_blocker=MOE_GGUF_BLOCKER,
+            llama_gguf_blocker=MOE_GGUF_BLOCKER,
+            experts="mlp.experts",
+            routers=("mlp.gate", "mlp.shared_expert_gate"),
+            shared_experts=("mlp.shared_expert",),
+        ),
+        Family(
+            "qwen3_moe",
+            ("qwen3_moe",),
+            "Qwen3-30B-A3B",
+            bitnet_gguf_blocker=MOE_GGUF_BLOCKER,
+            llama_gguf_blocker=MOE_GGUF_BLOCKER,
+            experts="mlp.experts",
+            routers=("mlp.gate",),
         ),
     )
 }

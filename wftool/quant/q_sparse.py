@@ -69,14 +69,15 @@ def top_k_sparsify(x: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def _sparse_layers(model: nn.Module) -> list[nn.Module]:
     # Imported here: both layer modules import this one for the math above.
+    from wftool.quant.bit_experts import BitExperts
     from wftool.quant.bitlinear import BitLinear
     from wftool.quant.ternary_linear import TernaryLinear
 
-    return [m for m in model.modules() if isinstance(m, (BitLinear, TernaryLinear))]
+    return [m for m in model.modules() if isinstance(m, (BitLinear, BitExperts, TernaryLinear))]
 
 
 def set_q_sparsity(model: nn.Module, sparsity: float) -> None:
-    """Set the Q-Sparse sparsity on every BitLinear and TernaryLinear (0 = off)."""
+    """Set the Q-Sparse sparsity on every BitLinear, BitExperts and TernaryLinear (0 = off)."""
     check_sparsity(sparsity)
     for layer in _sparse_layers(model):
         layer.sparsity = float(sparsity)
