@@ -167,6 +167,12 @@ def test_convert_tiny_as_moe_end_to_end(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mixtral"
     assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+    from wftool.model.checkpoint import load_model_dir
+    from wftool.quant.bit_experts import BitExperts
+
+    student, _, meta = load_model_dir(out)
+    assert meta.family == "mixtral"
+    assert all(isinstance(layer.mlp.experts, BitExperts) for layer in student.model.layers)
 
 
 def test_random_routing_lets_the_experts_train_apart(dense):
