@@ -2,7 +2,8 @@
 
 The sub-norm placement the student was converted with picks the architecture: the paper's
 SubLN is llama.cpp's `bitnet` graph; no sub-norms is the plain `llama` graph (Q/K rows
-permuted for its RoPE). Per-projection input norms (`all`) fit no upstream graph. The type
+permuted for its RoPE), which also runs Mixtral-style routed experts where the family table
+names its expert tensors. Per-projection input norms (`all`) fit no upstream graph. The type
 decides where the per-tensor delta lives and which runtime can load the file: I2_S is
 BitNet.cpp's own type, so only BitNet.cpp (extern/BitNet) loads such a file; Q2_0 is
 llama.cpp's ternary-capable type with GPU kernels (TQ1_0 / TQ2_0 have CPU ones only). Each
@@ -20,6 +21,7 @@ import numpy as np
 from wftool.export.gguf_tokenizer import tokenizer_blockers
 from wftool.export.ternary_packing import I2_S_GROUP, QK2_0, QK_K
 from wftool.model.families import Family, head_dim
+from wftool.quant.bit_experts import BitExperts
 from wftool.quant.bitlinear import BitLinear, RMSNorm
 
 EXPORT_TYPES = ("tq1_0", "tq2_0", "q2_0", "i2_s", "f16", "bf16")
@@ -119,6 +121,10 @@ def _structure_problems(model, family: Family, arch: str) -> list[Blocker]:
     blocker = family.bitnet_gguf_blocker if arch == "bitnet" else family.llama_gguf_blocker
     if blocker:
         problems.append(Blocker(blocker, family.gguf_fix))
+    elif (any(isinstance(m, BitExperts) for m in model.modules())
+          and not family.gguf_expert_tensors(arch)):
+        problems.append(Blocker(f"mixture-of-experts layers: no {arch} expert tensors are "
+                                f"known for the {family.name} family", TORCH_FIX))
     if arch == "bitnet":
         if not getattr(config, "tie_word_embeddings", False):
             problems.append(Blocker(
@@ -158,27 +164,44 @@ def _sub_norm_eps_problems(model, family: Family, config) -> list[Blocker]:
 
 def _projection_problems(model, export_type: str) -> list[Blocker]:
     """The first projection with a bias and the first with rows the type cannot hold: one
-    blocker per kind says why and names a tensor and its shape."""
+    blocker per kind says why and names a tensor and its shape. Routed experts are held to
+    the same row lengths, and need a type with a delta per block."""
     bias = rows = None
     multiple = ROW_MULTIPLE.get(export_type)
     for name, module in model.named_modules():
-        if not isinstance(module, BitLinear):
-            continue
-        if bias is None and module.bias is not None:
+        if bias is None and isinstance(module, BitLinear) and module.bias is not None:
             bias = Blocker(f"{name} has a bias, which wft does not write to GGUF", TORCH_FIX)
-        if rows is None and multiple and module.in_features % multiple:
+    for name, shape in _ternary_matrices(model):
+        if rows is None and multiple and shape[-1] % multiple:
             rows = Blocker(
-                f"{name}.weight {tuple(module.weight.shape)}: rows of {module.in_features} are "
-                f"not a multiple of {multiple} ({export_type.upper()})",
+                f"{name} {shape}: rows of {shape[-1]} are not a multiple of {multiple} "
+                f"({export_type.upper()})",
                 _row_fix(model, export_type))
-    return [p for p in (bias, rows) if p]
+    experts = None
+    if export_type == "i2_s" and any(isinstance(m, BitExperts) for m in model.modules()):
+        experts = Blocker(
+            "mixture-of-experts layers: an I2_S tensor holds one delta, a 3-D expert tensor "
+            "needs one per expert",
+            "export with --type tq2_0, tq1_0 or q2_0 (a delta per block)")
+    return [p for p in (bias, rows, experts) if p]
+
+
+def _ternary_matrices(model):
+    """(name, shape) of every ternary weight tensor: each BitLinear's and each BitExperts'
+    3-D gate_up_proj / down_proj (rows of hidden and intermediate width)."""
+    for name, module in model.named_modules():
+        if isinstance(module, BitLinear):
+            yield f"{name}.weight", tuple(module.weight.shape)
+        elif isinstance(module, BitExperts):
+            for tensor in ("gate_up_proj", "down_proj"):
+                yield f"{name}.{tensor}", tuple(getattr(module, tensor).shape)
 
 
 def _row_fix(model, export_type: str) -> str:
     """The types that hold every row of the model: F16/BF16 always, Q2_0 where each row is
     whole blocks of 64 (exact and ternary-sized), I2_S where each row is whole groups of 128
     (BitNet.cpp only)."""
-    rows = [m.in_features for m in model.modules() if isinstance(m, BitLinear)]
+    rows = [shape[-1] for _, shape in _ternary_matrices(model)]
     fix = "export with --type f16 or bf16 (any row length)"
     for other, note in (("q2_0", "rows of 64, 2.25 bits/weight"), ("i2_s", "BitNet.cpp only")):
         if other != export_type and all(n % ROW_MULTIPLE[other] == 0 for n in rows):

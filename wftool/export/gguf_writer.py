@@ -5,8 +5,10 @@ Q2_0, I2_S or F16/BF16 codes. Where the per-tensor delta goes depends on the tar
 GgufTarget.delta_storage): an F32 `blk.N.<proj>.scale` tensor for `bitnet` (block d = 1),
 the fp16 block scale or the float values for `llama`, the fp32 tail for I2_S. For `llama`
 the Q and K rows are permuted as llama.cpp's convert_hf_to_gguf.py does, because its RoPE
-rotates adjacent pairs where Hugging Face rotates halves. Embeddings and norms stay in
-floating point; gguf_tokenizer.py writes the tokenizer and chat template.
+rotates adjacent pairs where Hugging Face rotates halves. Routed experts (Mixtral, `llama`
+only) go to 3-D tensors [experts, rows, cols], each expert's blocks scaled by that expert
+matrix's own delta; the router stays F32. Embeddings and norms stay in floating point;
+gguf_tokenizer.py writes the tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from wftool.export.ternary_packing import (
     pack_tq2_0,
 )
 from wftool.model.families import Family, head_dim
+from wftool.quant.bit_experts import BitExperts
 from wftool.quant.bitlinear import BitLinear
 from wftool.quant.ternary import ternarize
 
@@ -42,9 +45,22 @@ I2_S_DESCRIPTION = ("wft ternary student. Its I2_S tensors (GGML type 36) load o
 class ExportedTensor:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "ternary" (a projection), "float" (embeddings) or "norm" (F32 weights)
-    module: str | None = None  # the BitLinear it came from (ternary tensors)
+    kind: str  # "ternary" (a projection), "float" (embeddings), "norm" (F32: norms, routers)
+    module: str | None = None  # the BitLinear or BitExperts it came from (ternary tensors)
     permute_heads: int | None = None  # heads of the llama RoPE row permutation, if applied
+    expert_matrix: str | None = None  # "gate", "up" or "down" of a BitExperts module
+
+
+EXPERT_MATRICES = ("gate", "up", "down")  # the order of BitExperts.expert_weights
+
+
+def expert_codes(experts: BitExperts, matrix: str) -> tuple[np.ndarray, np.ndarray]:
+    """One expert matrix of every expert: int8 codes [experts, rows, cols] and the float32
+    delta of each expert, ternarized one expert at a time as BitExperts' forward does."""
+    index = EXPERT_MATRICES.index(matrix)
+    pairs = [ternarize(experts.expert_weights(e)[index]) for e in range(experts.num_experts)]
+    codes = np.stack([c.cpu().numpy() for c, _ in pairs])
+    return codes, np.array([d.item() for _, d in pairs], dtype=np.float32)
 
 
 def llama_rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -66,28 +82,32 @@ def _float_array(tensor: torch.Tensor, export_type: str) -> tuple[np.ndarray, ob
     return data.numpy().astype(np.float16), None
 
 
-def _add_ternary(writer, gguf_name: str, codes: np.ndarray, delta: float,
+def _add_ternary(writer, gguf_name: str, codes: np.ndarray, delta,
                  target: GgufTarget) -> None:
-    """One projection's codes as `target.export_type`, with the delta where the target keeps
-    it inside the tensor."""
+    """One projection's codes [rows, cols] as `target.export_type`, with the delta where the
+    target keeps it inside the tensor; or routed experts' codes [experts, rows, cols] with
+    one delta per expert (`delta` a sequence), each expert's blocks scaled by its own."""
     from gguf import GGMLQuantizationType
 
     kind = target.export_type
-    if kind == "i2_s":
+    if kind == "i2_s":  # one delta per tensor: the plan refuses routed experts
         _add_unknown_type(writer, gguf_name, pack_i2_s(codes, delta), codes.shape,
                           I2_S_TYPE_ID)
         return
-    d = 1.0 if target.scale_tensors else delta
-    if kind == "q2_0":
-        _add_unknown_type(writer, gguf_name, pack_q2_0(codes, d), codes.shape, Q2_0_TYPE_ID)
+    matrices = codes.reshape(-1, *codes.shape[-2:])
+    deltas = [1.0 if target.scale_tensors else float(d) for d in np.atleast_1d(delta)]
+    if kind in ("q2_0", "tq1_0", "tq2_0"):
+        pack = {"q2_0": pack_q2_0, "tq1_0": pack_tq1_0, "tq2_0": pack_tq2_0}[kind]
+        packed = np.stack([pack(m, d) for m, d in zip(matrices, deltas)])
+        packed = packed.reshape(*codes.shape[:-1], -1)
+        if kind == "q2_0":
+            _add_unknown_type(writer, gguf_name, packed, codes.shape, Q2_0_TYPE_ID)
+        else:
+            writer.add_tensor(gguf_name, packed, raw_dtype=GGMLQuantizationType[kind.upper()])
         return
-    if kind in ("tq1_0", "tq2_0"):
-        pack, qtype = ((pack_tq2_0, GGMLQuantizationType.TQ2_0) if kind == "tq2_0"
-                       else (pack_tq1_0, GGMLQuantizationType.TQ1_0))
-        writer.add_tensor(gguf_name, pack(codes, d), raw_dtype=qtype)
-        return
-    values = torch.from_numpy(codes).float() * target.stored_delta(d)
-    array, raw_dtype = _float_array(values, kind)
+    scales = torch.tensor([target.stored_delta(d) for d in deltas], dtype=torch.float32)
+    values = torch.from_numpy(matrices).float() * scales[:, None, None]
+    array, raw_dtype = _float_array(values.reshape(codes.shape), kind)
     writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
 
 
@@ -112,6 +132,29 @@ def _file_type(export_type: str) -> int:
     return {"tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0, "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
             "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
             "q2_0": Q2_0_FILE_TYPE, "i2_s": I2_S_FILE_TYPE}[export_type]
+
+
+def _add_experts(writer, family: Family, target: GgufTarget, layer,
+                 index: int) -> list[ExportedTensor]:
+    """A sparse layer's routed experts as the family's 3-D expert tensors."""
+    experts = layer.get_submodule(family.experts)
+    written = []
+    for matrix, short in family.gguf_expert_tensors(target.arch):
+        codes, deltas = expert_codes(experts, matrix)
+        gguf_name = f"blk.{index}.{short}.weight"
+        _add_ternary(writer, gguf_name, codes, deltas, target)
+        written.append(ExportedTensor(gguf_name, codes.shape, "ternary",
+                                      f"{family.layers}.{index}.{family.experts}",
+                                      expert_matrix=matrix))
+    return written
+
+
+def _add_expert_counts(writer, model, config) -> None:
+    """llama.cpp reads MoE layers from `<arch>.expert_count` and `.expert_used_count`."""
+    experts = next((m for m in model.modules() if isinstance(m, BitExperts)), None)
+    if experts is not None:
+        writer.add_expert_count(experts.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
 
 
 def _add_hparams(writer, config, head_dim: int) -> None:
@@ -148,10 +191,11 @@ def write_gguf(model, tokenizer, family: Family, target: GgufTarget, path: Path,
         if target.export_type == "i2_s":
             writer.add_description(I2_S_DESCRIPTION)
         _add_hparams(writer, config, head_dim(config))
+        _add_expert_counts(writer, model, config)
         add_tokenizer(writer, tokenizer, config.vocab_size)
 
         def add_float(gguf_name: str, tensor: torch.Tensor, norm: bool = False):
-            if norm:  # norms stay F32, as llama.cpp's converter writes them
+            if norm:  # norms and routers stay F32, as llama.cpp's converter writes them
                 writer.add_tensor(gguf_name, tensor.detach().float().cpu().numpy())
             else:
                 array, raw_dtype = _float_array(tensor, float_type)
@@ -163,7 +207,8 @@ def write_gguf(model, tokenizer, family: Family, target: GgufTarget, path: Path,
         if not getattr(config, "tie_word_embeddings", False):  # `llama` only: see the plan
             add_float("output.weight", model.get_output_embeddings().weight)
         for index, layer in enumerate(model.get_submodule(family.layers)):
-            for module_path, short in family.gguf_layer_tensors(target.arch):
+            sparse = family.is_sparse_layer(layer)
+            for module_path, short in family.gguf_layer_tensors(target.arch, sparse):
                 module = layer.get_submodule(module_path)
                 gguf_name = f"blk.{index}.{short}"
                 if not isinstance(module, BitLinear):
@@ -181,6 +226,8 @@ def write_gguf(model, tokenizer, family: Family, target: GgufTarget, path: Path,
                 written.append(ExportedTensor(
                     f"{gguf_name}.weight", tuple(module.weight.shape), "ternary",
                     f"{family.layers}.{index}.{module_path}", heads))
+            if sparse:
+                written += _add_experts(writer, family, target, layer, index)
         add_float("output_norm.weight", model.get_submodule(family.final_norm).weight,
                   norm=True)
         writer.write_header_to_file()

@@ -9,7 +9,7 @@ import numpy as np
 from wftool.export.gguf_layout import read_gguf_layout
 from wftool.export.gguf_target import GgufTarget
 from wftool.export.gguf_tokenizer import CHKTXT
-from wftool.export.gguf_writer import ExportedTensor, llama_rope_permute
+from wftool.export.gguf_writer import ExportedTensor, expert_codes, llama_rope_permute
 from wftool.export.ternary_packing import (
     I2_S_TAIL_BYTES,
     I2_S_TYPE_ID,
@@ -61,8 +61,9 @@ def check_gguf_tensors(path: Path, model, target: GgufTarget,
 def _value_problems(model, item: ExportedTensor, values: np.ndarray, target: GgufTarget,
                     scale) -> list[str]:
     """A projection's dequantized `values` (times its `.scale` tensor where the target has
-    them) against the model's codes x delta, exactly; `scale(name)` gives the file's (GGML
-    type id, first value) of a tensor, or None."""
+    them) against the model's codes x delta, exactly (routed experts: each expert's codes x
+    its own delta); `scale(name)` gives the file's (GGML type id, first value) of a tensor,
+    or None."""
     codes, delta = _expected_codes(model, item)
     problems = []
     if target.scale_tensors:
@@ -75,9 +76,11 @@ def _value_problems(model, item: ExportedTensor, values: np.ndarray, target: Ggu
             problems.append(wrong)
         elif np.float32(found[1]) != np.float32(delta):
             problems.append(f"{base}.scale: {found[1]} != delta {delta}")
-    expected = codes.astype(np.float32) * np.float32(
-        1.0 if target.scale_tensors else target.stored_delta(delta))
-    if not np.array_equal(values.reshape(item.shape), expected):
+    stored = np.array([1.0 if target.scale_tensors else target.stored_delta(d)
+                       for d in np.atleast_1d(delta)], dtype=np.float32)
+    # One delta per matrix: a projection's [rows, cols], or each expert's of [E, rows, cols].
+    expected = (codes.reshape(stored.size, -1).astype(np.float32) * stored[:, None])
+    if not np.array_equal(values.reshape(expected.shape), expected):
         problems.append(f"{item.name}: dequantized values differ from the model's "
                         "ternary codes x delta")
     return problems
@@ -141,9 +144,13 @@ def _type_name(type_id: int) -> str:
         return str(type_id)
 
 
-def _expected_codes(model, item: ExportedTensor) -> tuple[np.ndarray, float]:
-    """The int8 codes (in the file's row order) and the float32 delta of a projection."""
-    codes, delta = ternarize(model.get_submodule(item.module).weight)
+def _expected_codes(model, item: ExportedTensor) -> tuple[np.ndarray, float | np.ndarray]:
+    """The int8 codes (in the file's row order) and the float32 delta of a projection; of
+    routed experts, codes [experts, rows, cols] and one delta per expert."""
+    module = model.get_submodule(item.module)
+    if item.expert_matrix:
+        return expert_codes(module, item.expert_matrix)
+    codes, delta = ternarize(module.weight)
     codes = codes.cpu().numpy()
     if item.permute_heads:
         codes = llama_rope_permute(codes, item.permute_heads)

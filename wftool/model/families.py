@@ -72,16 +72,33 @@ class Family:
     experts: str | None = None
     routers: tuple[str, ...] = ()
     shared_experts: tuple[str, ...] = ()
+    # How llama.cpp's `llama` graph holds the routed experts (Mixtral's layout): the router
+    # as (module path, tensor name), and per expert matrix of BitExperts.expert_weights
+    # ("gate", "up", "down") the 3-D tensor holding it for every expert. Empty where the
+    # family's MoE layers fit no graph wft writes (see llama_gguf_blocker).
+    llama_router_tensor: tuple[str, str] | None = None
+    llama_expert_tensors: tuple[tuple[str, str], ...] = ()
 
-    def gguf_layer_tensors(self, arch: str) -> tuple[tuple[str, str], ...]:
+    def gguf_layer_tensors(self, arch: str, sparse: bool = False) -> tuple[tuple[str, str], ...]:
         """Per-layer (module path, tensor name) of a GGUF architecture: `bitnet` has the
-        sub-norms, `llama` is the same list without them."""
+        sub-norms, `llama` is the same list without them. A sparse `llama` layer has the
+        router in place of the dense MLP (its experts: gguf_expert_tensors)."""
         if arch == "bitnet":
             return self.bitnet_layer_tensors
-        if arch == "llama":
-            sub_norms = {f"{slot.parent}.{slot.name}" for slot in self.sub_norms}
-            return tuple(t for t in self.bitnet_layer_tensors if t[0] not in sub_norms)
-        raise ValueError(f"no GGUF tensor table for architecture {arch!r}")
+        if arch != "llama":
+            raise ValueError(f"no GGUF tensor table for architecture {arch!r}")
+        sub_norms = {f"{slot.parent}.{slot.name}" for slot in self.sub_norms}
+        tensors = tuple(t for t in self.bitnet_layer_tensors if t[0] not in sub_norms)
+        if not sparse:
+            return tensors
+        dense_mlp = tuple(t for t in tensors if t[0].startswith(f"{self.mlp}."))
+        return tuple(t for t in tensors if t not in dense_mlp) + (
+            (self.llama_router_tensor,) if self.llama_router_tensor else ())
+
+    def gguf_expert_tensors(self, arch: str) -> tuple[tuple[str, str], ...]:
+        """(expert matrix, tensor name) of the 3-D expert tensors of a GGUF architecture;
+        empty where it has none for this family."""
+        return self.llama_expert_tensors if arch == "llama" else ()
 
     def projections(self) -> tuple[tuple[str, str], ...]:
         """(block attribute, projection name) for every projection BitLinear replaces in a
@@ -121,7 +138,12 @@ class Family:
         return tuple(slots)
 
 
-MOE_GGUF_BLOCKER = "mixture-of-experts layers: wft does not write MoE GGUFs yet"
+# llama.cpp's `bitnet` graph has a dense FFN only.
+BITNET_MOE_BLOCKER = ("mixture-of-experts layers: llama.cpp's bitnet graph (the one with "
+                      "sub-norms) has no MoE FFN")
+# Mixtral's experts as llama.cpp's converter writes them for the `llama` graph.
+MIXTRAL_EXPERT_TENSORS = (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"),
+                          ("down", "ffn_down_exps"))
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -149,17 +171,23 @@ FAMILIES: dict[str, Family] = {
             "mixtral",
             ("mixtral",),
             "Mixtral 8x7B",
-            bitnet_gguf_blocker=MOE_GGUF_BLOCKER,
-            llama_gguf_blocker=MOE_GGUF_BLOCKER,
+            bitnet_gguf_blocker=BITNET_MOE_BLOCKER,
+            gguf_fix=("convert with convert.sub_norm=none (llama.cpp's `llama` graph runs "
+                      "Mixtral's experts) and train again, or serve the student with "
+                      "`wft serve --backend torch`"),
             experts="mlp.experts",
             routers=("mlp.gate",),
+            llama_router_tensor=("mlp.gate", "ffn_gate_inp"),
+            llama_expert_tensors=MIXTRAL_EXPERT_TENSORS,
         ),
         Family(
             "qwen2_moe",
             ("qwen2_moe",),
             "Qwen1.5-MoE, Qwen2-57B-A14B",
-            bitnet_gguf_blocker=MOE_GGUF_BLOCKER,
-            llama_gguf_blocker=MOE_GGUF_BLOCKER,
+            bitnet_gguf_blocker=BITNET_MOE_BLOCKER,
+            llama_gguf_blocker=("Q/K/V biases and a gated shared expert: llama.cpp runs "
+                                "Qwen2-MoE as its own `qwen2moe` architecture, which wft does "
+                                "not write"),
             experts="mlp.experts",
             routers=("mlp.gate", "mlp.shared_expert_gate"),
             shared_experts=("mlp.shared_expert",),
@@ -168,8 +196,10 @@ FAMILIES: dict[str, Family] = {
             "qwen3_moe",
             ("qwen3_moe",),
             "Qwen3-30B-A3B",
-            bitnet_gguf_blocker=MOE_GGUF_BLOCKER,
-            llama_gguf_blocker=MOE_GGUF_BLOCKER,
+            bitnet_gguf_blocker=BITNET_MOE_BLOCKER,
+            llama_gguf_blocker=("QK-norm (q_norm/k_norm) has no slot in the llama graph: "
+                                "llama.cpp runs Qwen3-MoE as its own `qwen3moe` "
+                                "architecture, which wft does not write"),
             experts="mlp.experts",
             routers=("mlp.gate",),
         ),
