@@ -1,12 +1,15 @@
 """Decode speed of one student in every serving form, side by side.
 
-The same Llama-shaped ternary student is exported to TQ2_0, TQ1_0, Q2_0 and F16 and decoded
+The same Llama-shaped ternary student (or, with --moe N, a Mixtral-shaped one with N experts,
+top-2, without sub-norms; its experts are not packed yet in the torch backend: they run the
+training forward) is exported to TQ2_0, TQ1_0, Q2_0 and F16 and decoded
 by llama.cpp (llama-cpp-python; on x86 CPUs Q2_0 has only a scalar kernel, it is the type for
 GPUs), and decoded by wft's torch backend with packed int8 codes (what `wft serve --backend
 torch` runs) and with latent weights (the training forward).
 Tokens/s are greedy decode after the same prompt, EOS ignored, best of --rounds.
 
     python bench/serve.py [--hidden 1024] [--layers 8] [--tokens 64] [--threads 2]
+    python bench/serve.py --moe 4 --hidden 512 --layers 4       # a tiny MoE student
 """
 
 from __future__ import annotations
@@ -29,19 +32,26 @@ from wftool.serve.generation import Sampling
 PROMPT = "kiza pa povo vo zafi zi lu domilu sabula zavize nibo zuze"
 
 
-def build_student(hidden: int, layers: int, vocab: int, directory: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_student(hidden: int, layers: int, vocab: int, directory: Path,
+                  experts: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4
-                         // 256 * 256, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
-                         max_position_embeddings=1024, tie_word_embeddings=True)
+    shape = dict(vocab_size=vocab, hidden_size=hidden,
+                 intermediate_size=hidden * 11 // 4 // 256 * 256, num_hidden_layers=layers,
+                 num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
+                 max_position_embeddings=1024, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    convert_to_bitnet(model, FAMILIES["llama"])
+    if experts:  # Mixtral-shaped, no sub-norms: what llama.cpp's llama graph holds
+        model = MixtralForCausalLM(MixtralConfig(num_local_experts=experts,
+                                                 num_experts_per_tok=2, **shape)).eval()
+        family, sub_norm = "mixtral", "none"
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
+        family, sub_norm = "llama", "paper"
+    convert_to_bitnet(model, FAMILIES[family], sub_norm)
     path = directory / "student"
     save_model_dir(model, train_synthetic_tokenizer(vocab), path,
-                   TernaryMetadata("llama", "paper", None))
+                   TernaryMetadata(family, sub_norm, None))
     return path
 
 
@@ -87,10 +97,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--moe", type=int, default=0, metavar="EXPERTS",
+                        help="a Mixtral-shaped student with this many experts (top-2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="wft-bench-serve-"))
-    student = build_student(args.hidden, args.layers, args.vocab, workdir)
+    student = build_student(args.hidden, args.layers, args.vocab, workdir, args.moe)
     packed = TorchEngine.load(student)
     prompt_ids = packed.encode(PROMPT, chat=False)
     rows = []
@@ -117,7 +129,8 @@ def main() -> None:
                  best_rate(torch_decoder(latent, prompt_ids), args.rounds, args.tokens)))
     reference = rows[0][2]
     params = sum(p.numel() for p in latent_model.parameters()) / 1e6
-    print(f"student: hidden {args.hidden}, {args.layers} layers, {params:.0f}M parameters; "
+    kind = f"MoE, {args.moe} experts top-2, " if args.moe else ""
+    print(f"student: {kind}hidden {args.hidden}, {args.layers} layers, {params:.0f}M parameters; "
           f"{args.tokens} tokens, {args.threads} threads, best of {args.rounds}")
     print(f"{'runtime':40} {'MB':>8} {'tok/s':>8} {'vs first':>9}")
     for name, size, rate in rows:
