@@ -1,8 +1,7 @@
 """Decode speed of one student in every serving form, side by side.
 
 The same Llama-shaped ternary student (or, with --moe N, a Mixtral-shaped one with N experts,
-top-2, without sub-norms; its experts are not packed yet in the torch backend: they run the
-training forward) is exported to TQ2_0, TQ1_0, Q2_0 and F16 and decoded
+top-2, without sub-norms) is exported to TQ2_0, TQ1_0, Q2_0 and F16 and decoded
 by llama.cpp (llama-cpp-python; on x86 CPUs Q2_0 has only a scalar kernel, it is the type for
 GPUs), and decoded by wft's torch backend with packed int8 codes (what `wft serve --backend
 torch` runs) and with latent weights (the training forward).

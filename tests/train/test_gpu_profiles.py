@@ -94,9 +94,9 @@ def test_global_batch_size_sets_micro_batch_and_accumulation(tmp_path):
 class _OutOfMemoryAtStep:
     """Language modelling that runs out of memory at its third call, as a CUDA card would."""
 
-    def __init__(self):
+    def __init__(self, *args, **kwargs):
         self.calls = 0
-        self.inner = LanguageModeling()
+        self.inner = LanguageModeling(*args, **kwargs)
 
     def __call__(self, model, batch, progress):
         self.calls += 1

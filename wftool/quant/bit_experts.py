@@ -11,6 +11,8 @@ token, straight-through gradients into the fp32 latent 3-D parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -35,6 +37,26 @@ class ExpertRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def route_to_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor, num_experts: int,
+                     expert_ffn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The eager loop of transformers' experts modules: `expert_ffn(expert, tokens)` for each
+    expert some token picked, weighted by the router and summed per token."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=num_experts + 1)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert in expert_hit[:, 0].tolist():
+        if expert == num_experts:  # the slot transformers uses for dropped tokens
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert])
+        out = expert_ffn(expert, hidden_states[token_idx])
+        out = out * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
+    return final_hidden_states
 
 
 class BitExperts(nn.Module):
@@ -122,26 +144,16 @@ class BitExperts(nn.Module):
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
-        """hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]: the eager
-        loop of transformers' experts modules, over the experts some token picked."""
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
-            expert_mask = expert_mask.permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert in expert_hit[:, 0].tolist():
-            if expert == self.num_experts:  # the slot transformers uses for dropped tokens
-                continue
-            top_k_pos, token_idx = torch.where(expert_mask[expert])
-            current_state = hidden_states[token_idx]
-            gate_w, up_w, down_w = self.expert_weights(expert)
-            hidden = self.act_fn(self._project(current_state, gate_w))
-            hidden = hidden * self._project(current_state, up_w)
-            if self.ffn_sub_norm is not None:
-                hidden = self.ffn_sub_norm(hidden, expert)
-            out = self._project(hidden, down_w) * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
-        return final_hidden_states
+        """hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
+        return route_to_experts(hidden_states, top_k_index, top_k_weights, self.num_experts,
+                                self._expert_ffn)
+
+    def _expert_ffn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate_w, up_w, down_w = self.expert_weights(expert)
+        hidden = self.act_fn(self._project(x, gate_w)) * self._project(x, up_w)
+        if self.ffn_sub_norm is not None:
+            hidden = self.ffn_sub_norm(hidden, expert)
+        return self._project(hidden, down_w)
 
     def extra_repr(self) -> str:
         return (

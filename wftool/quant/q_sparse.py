@@ -71,9 +71,11 @@ def _sparse_layers(model: nn.Module) -> list[nn.Module]:
     # Imported here: both layer modules import this one for the math above.
     from wftool.quant.bit_experts import BitExperts
     from wftool.quant.bitlinear import BitLinear
+    from wftool.quant.ternary_experts import TernaryExperts
     from wftool.quant.ternary_linear import TernaryLinear
 
-    return [m for m in model.modules() if isinstance(m, (BitLinear, BitExperts, TernaryLinear))]
+    kinds = (BitLinear, BitExperts, TernaryLinear, TernaryExperts)
+    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def set_q_sparsity(model: nn.Module, sparsity: float) -> None:

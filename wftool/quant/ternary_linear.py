@@ -4,8 +4,10 @@
 int8, a quarter of the fp32 latent weight's memory, and the fp32 delta), and computes the
 BitNet b1.58 product in integers: int8 activation codes x int8 weight codes accumulated in
 int32 (exact), then scaled by activation scale x delta. `pack_ternary_layers` swaps every
-BitLinear of a trained model for one, freeing the latent weights. A Q-Sparse student's
-`sparsity` comes along, so the served layer keeps the same top-K activations it trained with.
+BitLinear of a trained model for one, and every BitExperts for a TernaryExperts (the same
+product per expert matrix, see wftool.quant.ternary_experts), freeing the latent weights. A
+Q-Sparse student's `sparsity` comes along, so the served layer keeps the same top-K
+activations it trained with.
 
 Codes stay int8 rather than 2-bit packed in memory: unpacking 2-bit codes before every
 matmul costs ~10x the integer matmul itself on CPU (see bench/serve.py), while int8 codes
@@ -32,6 +34,27 @@ def _integer_matmul(x_codes: torch.Tensor, w_codes_t: torch.Tensor) -> torch.Ten
     return x_codes.float() @ w_codes_t.float()
 
 
+def ternary_product(x: torch.Tensor, codes: torch.Tensor, delta: torch.Tensor,
+                    sparsity: float = 0.0) -> torch.Tensor:
+    """BitLinear's product from int8 codes: x [T, in], codes int8 [out, in] -> float32
+    [T, out] = (int8(x) @ codes^T) * scale_x * delta, after Q-Sparse top-K when sparsity > 0."""
+    if sparsity:
+        x = sparsify_top_k(x, sparsity)
+    quantized = quantize_activations(x)
+    return _integer_matmul(quantized.codes, codes.t()) * (quantized.scale * delta)
+
+
+def refuse_unfinished_warm_up(module: nn.Module) -> None:
+    """Raise unless `module` (a BitLinear or BitExperts) has finished its quantization
+    warm-up: before that its latent weights are not the ternary ones codes would keep."""
+    if module.warming_up:
+        raise WftError(
+            f"quantization warm-up is unfinished (mix {module.quant_mix.item():.3f} < 1): "
+            "the latent weights are not yet the ternary ones",
+            "serve the checkpoint a finished stage wrote (runs/<name>/<stage>/final)",
+        )
+
+
 class TernaryLinear(nn.Module):
     """y = (codes_x @ codes_W^T) * scale_x * delta + bias, with the input norm first (and
     Q-Sparse top-K of x next, when `sparsity` > 0; a plain float, outside the state dict)."""
@@ -52,12 +75,8 @@ class TernaryLinear(nn.Module):
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> TernaryLinear:
-        if layer.warming_up:
-            raise WftError(
-                f"quantization warm-up is unfinished (mix {layer.quant_mix.item():.3f} < 1): "
-                "the latent weights are not yet the ternary ones",
-                "serve the checkpoint a finished stage wrote (runs/<name>/<stage>/final)",
-            )
+        """The packed form of a trained BitLinear (refused while it is warming up)."""
+        refuse_unfinished_warm_up(layer)
         codes, delta = ternarize(layer.weight)
         owns = "input_norm" in layer._modules
         return cls(codes, delta, layer.bias, layer.input_norm, owns_norm=owns,
@@ -66,12 +85,9 @@ class TernaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm is not None:
             x = self.input_norm(x)
-        if self.sparsity:
-            x = sparsify_top_k(x, self.sparsity)
         shape = x.shape
-        quantized = quantize_activations(x.reshape(-1, self.in_features))
-        out = _integer_matmul(quantized.codes, self.codes.t())
-        out = out * (quantized.scale * self.delta)
+        out = ternary_product(x.reshape(-1, self.in_features), self.codes, self.delta,
+                              self.sparsity)
         if self.bias is not None:
             out = out + self.bias.float()
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -84,11 +100,20 @@ class TernaryLinear(nn.Module):
 
 @torch.no_grad()
 def pack_ternary_layers(model: nn.Module) -> int:
-    """Replace every BitLinear in `model` by a TernaryLinear, in place; returns how many."""
+    """Replace every BitLinear in `model` by a TernaryLinear and every BitExperts by a
+    TernaryExperts, in place; returns how many modules were replaced."""
+    # Imported here: ternary_experts imports this module for the product above.
+    from wftool.quant.bit_experts import BitExperts
+    from wftool.quant.ternary_experts import TernaryExperts
+
     replaced = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, BitLinear):
                 setattr(module, child_name, TernaryLinear.from_bitlinear(child))
-                replaced += 1
+            elif isinstance(child, BitExperts):
+                setattr(module, child_name, TernaryExperts.from_bit_experts(child))
+            else:
+                continue
+            replaced += 1
     return replaced
