@@ -59,7 +59,26 @@ def route_to_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     return final_hidden_states
 
 
-class BitExperts(nn.Module):
+class RoutedExperts(nn.Module):
+    """What the training and the packed form of routed experts share: transformers' routing
+    loop and one expert's gated FFN; a subclass says how one projection is computed
+    (`_project(x, "gate" | "up" | "down", expert)`) and sets `ffn_sub_norm` (a per-expert
+    SubLN, or None)."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
+        return route_to_experts(hidden_states, top_k_index, top_k_weights, self.num_experts,
+                                self._expert_ffn)
+
+    def _expert_ffn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.act_fn(self._project(x, "gate", expert)) * self._project(x, "up", expert)
+        if self.ffn_sub_norm is not None:
+            hidden = self.ffn_sub_norm(hidden, expert)
+        return self._project(hidden, "down", expert)
+
+
+class BitExperts(RoutedExperts):
     """Routed experts whose gate, up and down projections see ternary weights.
 
     Attributes mirror BitLinear's: ``quant_mix`` / ``warming_up`` (quantization warm-up),
@@ -134,26 +153,11 @@ class BitExperts(nn.Module):
         gate, up = self.gate_up_proj[expert].chunk(2, dim=0)
         return gate, up, self.down_proj[expert]
 
-    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        gate, up, down = self.expert_weights(expert)
+        weight = {"gate": gate, "up": up, "down": down}[name]
         mix = self.quant_mix if self.warming_up else None
         return bitlinear(x, weight, None, mix, self.quantize_input, self.sparsity)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-    ) -> torch.Tensor:
-        """hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
-        return route_to_experts(hidden_states, top_k_index, top_k_weights, self.num_experts,
-                                self._expert_ffn)
-
-    def _expert_ffn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate_w, up_w, down_w = self.expert_weights(expert)
-        hidden = self.act_fn(self._project(x, gate_w)) * self._project(x, up_w)
-        if self.ffn_sub_norm is not None:
-            hidden = self.ffn_sub_norm(hidden, expert)
-        return self._project(hidden, down_w)
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wftool.quant.bit_experts import BitExperts, ExpertRMSNorm, route_to_experts
+from wftool.quant.bit_experts import BitExperts, ExpertRMSNorm, RoutedExperts
 from wftool.quant.ternary import ternarize
 from wftool.quant.ternary_linear import refuse_unfinished_warm_up, ternary_product
 
@@ -26,7 +26,7 @@ def _stacked_ternary(weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return codes, torch.stack([p.delta for p in packed])
 
 
-class TernaryExperts(nn.Module):
+class TernaryExperts(RoutedExperts):
     """Routed experts computed from int8 ternary codes: same inputs, outputs and routing as
     BitExperts, no latent weights. `sparsity` is a plain float, outside the state dict."""
 
@@ -61,23 +61,6 @@ class TernaryExperts(nn.Module):
         codes = getattr(self, f"{name}_codes")[expert]
         delta = getattr(self, f"{name}_delta")[expert]
         return ternary_product(x, codes, delta, self.sparsity).to(x.dtype)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-    ) -> torch.Tensor:
-        """hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H], routed as
-        BitExperts routes them."""
-        return route_to_experts(hidden_states, top_k_index, top_k_weights, self.num_experts,
-                                self._expert_ffn)
-
-    def _expert_ffn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.act_fn(self._project(x, "gate", expert)) * self._project(x, "up", expert)
-        if self.ffn_sub_norm is not None:
-            hidden = self.ffn_sub_norm(hidden, expert)
-        return self._project(hidden, "down", expert)
 
     def extra_repr(self) -> str:
         return (
