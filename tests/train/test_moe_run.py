@@ -34,3 +34,22 @@ def test_a_fake_moe_student_trains_balances_and_reloads(tmp_path):
     engine = TorchEngine.load(result.final_dir)
     tokens = list(decode(engine.model, engine.encode("kiza pa", chat=False), 6, Decoding("ar")))
     assert len(tokens) == 6
+
+
+def test_a_moe_student_trains_under_bf16_autocast_with_fp32_masters(tmp_path):
+    """The GPU path on a CPU: ternary experts, routers and the balancing loss under bf16
+    autocast; the checkpoint keeps fp32 latent experts and fp32 optimizer state."""
+    from tests.train.test_precision import _saved_float_dtypes
+
+    recipe = load_recipe(small_recipe(tmp_path), [
+        "convert.moe.experts=4", "pretrain.training.max_steps=4",
+        "pretrain.training.save_every=4", "pretrain.training.precision=bf16"])
+    run_convert(recipe)
+    result = run_pretrain(recipe)
+    records = read_metrics(result.final_dir.parent / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loss_moe_aux"]])).all()
+               for r in records)
+    assert _saved_float_dtypes(result.final_dir.parent / "step-4") == {
+        "model": {torch.float32}, "optim": {torch.float32}}
+    student, _, _ = load_model_dir(result.final_dir)
+    assert student.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
