@@ -150,6 +150,17 @@ def _packed_batch(rows=4, seq=12):
     return {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
 
 
+def _recording(model):
+    """(a callable model that keeps its last inputs, those inputs)."""
+    seen = {}
+
+    def forward(**inputs):
+        seen.update(inputs)
+        return model(**inputs)
+
+    return forward, seen
+
+
 def _objective(step=9, max_steps=10, **spec):
     objective = UnifiedObjective(UnifiedStage(**spec), MASK, max_steps)
     objective.clock.before_step(step)
@@ -175,11 +186,7 @@ def test_next_token_rows_match_the_pretrain_forward():
 def test_split_and_complementary_rows():
     model = _tiny_model()
     batch = _packed_batch(rows=4)
-    seen = {}
-
-    def recording(**inputs):
-        seen.update(inputs)
-        return model(**inputs)
+    recording, seen = _recording(model)
 
     loss, parts = _objective(mask_mode="split", attention="bidirectional")(recording, batch, 1.0)
     assert set(parts) == {"ar", "dlm"} and seen["input_ids"].shape[0] == 4
@@ -272,11 +279,7 @@ def test_block_training_sees_what_cached_block_decoding_sees():
 def test_block_objective_takes_the_next_token_loss_from_the_clean_part():
     model = _tiny_model()
     batch = _packed_batch(rows=2)
-    seen = {}
-
-    def recording(**inputs):
-        seen.update(inputs)
-        return model(**inputs)
+    recording, seen = _recording(model)
 
     loss, parts = _objective(attention="block", block_size=4)(recording, batch, 1.0)
     assert seen["input_ids"].shape == (2, 24) and set(parts) == {"ar", "dlm"}
