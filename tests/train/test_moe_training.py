@@ -176,3 +176,41 @@ def test_pretrain_of_a_mixtral_logs_the_balance_and_learns(tmp_path):
     assert logged and all("loss_moe_aux" in m and "loss_expert_load" in m for m in logged)
     assert all(1.0 <= m["loss_expert_load"] <= 2.0 for m in logged)
     assert logged[-1]["loss"] < logged[0]["loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_expert_sub_norm_gains_are_neither_decayed_nor_orthogonalised(optimizer):
+    """An expert's SubLN weight is 2-D ([E, I]) but a gain like every norm's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from wftool.model.families import FAMILIES
+    from wftool.model.surgery import convert_to_bitnet
+    from wftool.recipe.schema import TrainingSpec
+    from wftool.train.optim import build_optimizers
+
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2))
+    convert_to_bitnet(model, FAMILIES["mixtral"], "paper")
+    gain = model.model.layers[0].mlp.experts.ffn_sub_norm.weight
+    assert gain.ndim == 2
+    optimizers = build_optimizers(model, TrainingSpec(optimizer=optimizer, weight_decay=0.1))
+    holders = [(type(opt).__name__, group["weight_decay"]) for opt in optimizers
+               for group in opt.param_groups if any(p is gain for p in group["params"])]
+    assert holders == [("AdamW", 0.0)]
+
+
+def test_the_models_own_aux_loss_is_switched_off():
+    """wft adds the balancing loss itself; transformers' own cannot read unified's 4-D masks."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from wftool.recipe.schema import TrainingSpec
+    from wftool.train.moe_balance import router_balance
+
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, output_router_logits=True))
+    assert router_balance(model, TrainingSpec()).active
+    assert model.config.output_router_logits is False

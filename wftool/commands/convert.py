@@ -9,13 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from wftool.errors import WftError
-from wftool.export.gguf_target import BITS_PER_WEIGHT, ROW_MULTIPLE, plan_gguf_export
+from wftool.export.gguf_target import (BITS_PER_WEIGHT, ROW_MULTIPLE, plan_gguf_export,
+                                       ternary_matrices)
 from wftool.model.checkpoint import TernaryMetadata, save_model_dir
 from wftool.model.families import Family, family_for_model_type
 from wftool.model.loading import load_source_model
 from wftool.model.moe_from_dense import check_moe_equals_dense, dense_to_moe, equality_tolerance
 from wftool.model.surgery import ConversionReport, convert_to_bitnet, set_quant_mix
-from wftool.quant.bitlinear import BitLinear
 from wftool.recipe.schema import MoeFromDense, Recipe
 from wftool.train.remote import stage_url, upload_dir
 
@@ -68,8 +68,8 @@ def run_convert(recipe: Recipe, output: Path | None = None, force: bool = False)
                                         export_type, tokenizer)
     arch = target.arch if target else "bitnet"  # no architecture fits: the paper's is nearest
     multiple = ROW_MULTIPLE.get(export_type)
-    misfit = next((m.in_features for m in model.modules() if isinstance(m, BitLinear)
-                   and multiple and m.in_features % multiple), None)
+    misfit = next((shape[-1] for _, shape in ternary_matrices(model)
+                   if multiple and shape[-1] % multiple), None)
     return ConvertResult(output, report, family.name, arch, export_type,
                          [b.reason for b in blockers], misfit, moe_logit_diff)
 

@@ -171,7 +171,7 @@ def _projection_problems(model, export_type: str) -> list[Blocker]:
     for name, module in model.named_modules():
         if bias is None and isinstance(module, BitLinear) and module.bias is not None:
             bias = Blocker(f"{name} has a bias, which wft does not write to GGUF", TORCH_FIX)
-    for name, shape in _ternary_matrices(model):
+    for name, shape in ternary_matrices(model):
         if rows is None and multiple and shape[-1] % multiple:
             rows = Blocker(
                 f"{name} {shape}: rows of {shape[-1]} are not a multiple of {multiple} "
@@ -186,7 +186,7 @@ def _projection_problems(model, export_type: str) -> list[Blocker]:
     return [p for p in (bias, rows, experts) if p]
 
 
-def _ternary_matrices(model):
+def ternary_matrices(model):
     """(name, shape) of every ternary weight tensor: each BitLinear's and each BitExperts'
     3-D gate_up_proj / down_proj (rows of hidden and intermediate width)."""
     for name, module in model.named_modules():
@@ -201,7 +201,7 @@ def _row_fix(model, export_type: str) -> str:
     """The types that hold every row of the model: F16/BF16 always, Q2_0 where each row is
     whole blocks of 64 (exact and ternary-sized), I2_S where each row is whole groups of 128
     (BitNet.cpp only)."""
-    rows = [shape[-1] for _, shape in _ternary_matrices(model)]
+    rows = [shape[-1] for _, shape in ternary_matrices(model)]
     fix = "export with --type f16 or bf16 (any row length)"
     for other, note in (("q2_0", "rows of 64, 2.25 bits/weight"), ("i2_s", "BitNet.cpp only")):
         if other != export_type and all(n % ROW_MULTIPLE[other] == 0 for n in rows):

@@ -156,5 +156,10 @@ class RouterBalance:
 
 
 def router_balance(student: nn.Module, training: TrainingSpec) -> RouterBalance:
-    """The balance term of `student` (unwrapped) under `training`'s weight."""
+    """The balance term of `student` (unwrapped) under `training`'s weight. The model's own
+    aux loss is switched off: wft adds it here, and transformers' version cannot read the
+    4-D masks of `unified`."""
+    config = getattr(_unwrap(student), "config", None)
+    if getattr(config, "output_router_logits", False):
+        config.output_router_logits = False
     return RouterBalance(student, router_aux_weight(student, training))

@@ -32,6 +32,13 @@ def lr_factor(step: int, spec: TrainingSpec) -> float:
     raise ValueError(f"unknown schedule {spec.schedule!r}")
 
 
+def _gains(model: nn.Module) -> set[int]:
+    """ids of normalisation gains: never decayed, never orthogonalised, whatever their
+    shape (an MoE expert's SubLN holds one gain row per expert: [E, I])."""
+    return {id(param) for module in model.modules() if "Norm" in type(module).__name__
+            for param in module.parameters(recurse=False)}
+
+
 def _is_hidden_matrix(name: str, param: nn.Parameter, model: nn.Module) -> bool:
     """Muon updates 2-D weights inside the blocks (MoE routers included); embeddings and
     lm_head stay on AdamW. MoE experts stored as one [E, out, in] tensor are not hidden
@@ -54,9 +61,10 @@ def build_optimizers(model: nn.Module, spec: TrainingSpec,
     Under Muon, tensors of 3 or more dimensions (MoE experts as [E, out, in]) go to AdamW
     with weight decay, like the embeddings: orthogonalising them per expert would need
     one 2-D view per expert, which torch.optim.Muon cannot take."""
+    gains = _gains(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2]
-    no_decay = [p for n, p in named if p.ndim < 2]
+    decay = [p for n, p in named if p.ndim >= 2 and id(p) not in gains]
+    no_decay = [p for n, p in named if p.ndim < 2 or id(p) in gains]
     adamw_kwargs = dict(lr=spec.lr, betas=spec.betas, eps=1e-8)
     if spec.optimizer == "adamw":
         groups = [
@@ -65,7 +73,7 @@ def build_optimizers(model: nn.Module, spec: TrainingSpec,
         ]
         return [torch.optim.AdamW(groups, **adamw_kwargs)]
     if spec.optimizer == "muon":
-        hidden = [p for n, p in named if _is_hidden_matrix(n, p, model)]
+        hidden = [p for n, p in named if _is_hidden_matrix(n, p, model) and id(p) not in gains]
         hidden_ids = {id(p) for p in hidden}
         rest_decay = [p for p in decay if id(p) not in hidden_ids]
         muon_class = torch.optim.Muon
